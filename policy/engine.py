@@ -1,0 +1,139 @@
+"""decide(): the one entry point of the policy core — deny by default, never raises."""
+
+from __future__ import annotations
+
+from policy.addresses import is_internal, parse_ip
+from policy.classify import Classification, classify
+from policy.model import Decision, Intent, Request, Tier, Verdict
+from policy.normalize import AmbiguousRequest
+from policy.rules import RuleSet
+from policy.warrants import WarrantKeys, WarrantRefused, verify
+
+_UNKNOWN_INTENT = Intent(action="unknown", target="", rule=None)
+
+
+def decide(
+    request: Request,
+    *,
+    rules: RuleSet,
+    warrant: str | None,
+    agent: str,
+    keys: WarrantKeys | None,
+    now: float,
+    issuer: str = "vienna",
+) -> Decision:
+    """Classify `request` and say whether it may be forwarded. Any internal failure denies."""
+    try:
+        return _decide(request, rules=rules, warrant=warrant, agent=agent, keys=keys, now=now, issuer=issuer)
+    except Exception as exc:  # the contract: an internal error never forwards
+        return Decision(
+            verdict=Verdict.DENIED,
+            tier=Tier.DENY,
+            intent=_UNKNOWN_INTENT,
+            reason_code="internal.error",
+            reason=f"internal error while deciding ({type(exc).__name__}); refused",
+            policy_revision=getattr(rules, "revision", ""),
+        )
+
+
+def refuse_malformed(problem: AmbiguousRequest, *, rules: RuleSet) -> Decision:
+    """The decision for a request that could not be normalised without guessing."""
+    return Decision(
+        verdict=Verdict.BAD_REQUEST,
+        tier=Tier.DENY,
+        intent=_UNKNOWN_INTENT,
+        reason_code=problem.code,
+        reason=problem.reason,
+        policy_revision=rules.revision,
+    )
+
+
+def destination_is_internal(request: Request, rules: RuleSet) -> bool:
+    """Internal addresses pass only when a rule names that exact host or address."""
+    candidates = [request.host]
+    if request.address is not None:
+        candidates.append(request.address)
+    internal = False
+    for candidate in candidates:
+        ip = parse_ip(candidate)
+        if ip is not None and is_internal(ip):
+            internal = True
+    if not internal:
+        return False
+    named = rules.named_hosts
+    return request.host not in named and (request.address is None or request.address not in named)
+
+
+def _decide(
+    request: Request,
+    *,
+    rules: RuleSet,
+    warrant: str | None,
+    agent: str,
+    keys: WarrantKeys | None,
+    now: float,
+    issuer: str,
+) -> Decision:
+    found = classify(request, rules, agent=agent)
+    if destination_is_internal(request, rules):
+        return _decision(
+            found,
+            rules,
+            Verdict.DENIED,
+            "destination.internal",
+            f"{request.host} is an internal address and no rule names it",
+            tier=Tier.DENY,
+        )
+    if found.tier is Tier.DENY:
+        return _decision(
+            found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"
+        )
+    if not found.tier.needs_warrant:
+        return _decision(found, rules, Verdict.ALLOW, found.reason_code, found.reason)
+    if warrant is None:
+        return _decision(
+            found,
+            rules,
+            Verdict.WARRANT_REQUIRED,
+            "warrant.required",
+            f"{found.reason}: tier {found.tier} needs a warrant approved by operators",
+        )
+    if keys is None:
+        return _decision(
+            found, rules, Verdict.WARRANT_INVALID, "warrant.no_keys", "no warrant key is configured"
+        )
+    checked = verify(
+        warrant, request, agent=agent, keys=keys, now=now, required_tier=found.tier, issuer=issuer
+    )
+    if isinstance(checked, WarrantRefused):
+        return _decision(found, rules, Verdict.WARRANT_INVALID, checked.code, checked.reason)
+    claims = checked.claims
+    return Decision(
+        verdict=Verdict.ALLOW,
+        tier=found.tier,
+        intent=found.intent,
+        reason_code="warrant.valid",
+        reason=f"warrant {claims.jti} approved by {', '.join(a.who for a in claims.approvals) or 'nobody'}",
+        policy_revision=rules.revision,
+        warrant_id=claims.jti,
+        warrant_max_uses=claims.con.max_uses,
+    )
+
+
+def _decision(
+    found: Classification,
+    rules: RuleSet,
+    verdict: Verdict,
+    code: str,
+    reason: str,
+    *,
+    tier: Tier | None = None,
+) -> Decision:
+    return Decision(
+        verdict=verdict,
+        tier=tier or found.tier,
+        intent=found.intent,
+        reason_code=code,
+        reason=reason,
+        policy_revision=rules.revision,
+    )

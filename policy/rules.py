@@ -1,0 +1,508 @@
+"""The version-1 policy document: YAML text → a validated, indexed RuleSet; errors name file and line."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from policy.model import Tier
+from policy.normalize import AmbiguousRequest, normalize_host, normalize_method
+from policy.templates import PathTemplate, TemplateError, check_target, compile_path
+
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_TARGET = "{host}{path}"
+_RULE_KEYS = frozenset(
+    {"id", "match", "when", "action", "target", "tier", "limits", "warrant", "description"}
+)
+_MATCH_KEYS = frozenset({"hosts", "methods", "paths"})
+_TOP_KEYS = frozenset({"version", "default_tier", "rules", "description"})
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ACTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
+_DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h)$")
+_RATE = re.compile(r"^([1-9][0-9]{0,6})/(s|m|h)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+_BINDS = ("exact", "path", "host")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One problem in a policy document: `file:line: field: message`."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+
+class PolicyError(ValueError):
+    """A document that fails validation; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPattern:
+    """`api.github.com`, `api.github.com:8443` or `*.example.com` (any depth below, not the apex)."""
+
+    host: str
+    port: int | None
+    wildcard: bool
+
+    def covers(self, other: HostPattern) -> bool:
+        if self.port is not None and self.port != other.port:
+            return False
+        if not self.wildcard:
+            return not other.wildcard and self.host == other.host
+        return other.host.endswith("." + self.host)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    count: int
+    per_seconds: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarrantPolicy:
+    ttl_seconds: int | None = None
+    max_uses: int = 1
+    bind: str = "exact"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    id: str
+    index: int
+    line: int
+    hosts: tuple[HostPattern, ...] | None
+    methods: frozenset[str] | None
+    paths: tuple[PathTemplate, ...] | None
+    when: str | None
+    when_program: Any = field(default=None, compare=False, repr=False)
+    action: str
+    target: str
+    tier: Tier
+    limits: RateLimit | None = None
+    warrant: WarrantPolicy = field(default_factory=WarrantPolicy)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleSet:
+    """Rules in document order plus the host index classification walks."""
+
+    version: int
+    default_tier: Tier
+    rules: tuple[Rule, ...]
+    revision: str
+    source: str
+    by_exact_host: Mapping[str, tuple[int, ...]]
+    by_wildcard_suffix: Mapping[str, tuple[int, ...]]
+    any_host: tuple[int, ...]
+    named_hosts: frozenset[str]
+    warnings: tuple[PolicyIssue, ...] = ()
+
+    def rules_for_action(self, action: str) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.action == action)
+
+
+class _Collector:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.issues: list[PolicyIssue] = []
+
+    def add(self, line: int, path: str, message: str) -> None:
+        self.issues.append(PolicyIssue(self.file, line, path, message))
+
+
+def _key_line(node: Any, key: Any, fallback: int) -> int:
+    if isinstance(node, CommentedMap):
+        try:
+            return int(node.lc.key(key)[0]) + 1
+        except (KeyError, TypeError, AttributeError):
+            return fallback
+    return fallback
+
+
+def _item_line(node: Any, index: int, fallback: int) -> int:
+    if isinstance(node, CommentedSeq):
+        try:
+            return int(node.lc.item(index)[0]) + 1
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return fallback
+    return fallback
+
+
+def _node_line(node: Any, fallback: int) -> int:
+    if isinstance(node, CommentedMap | CommentedSeq):
+        return int(node.lc.line) + 1
+    return fallback
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    raw = text.strip()
+    if raw != text or not raw:
+        raise ValueError(f"{text!r} is not a host name")
+    port: int | None = None
+    host = raw
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close < 0:
+            raise ValueError(f"{text!r}: unclosed '['")
+        host, rest = raw[1:close], raw[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: junk after ']'")
+            port = _parse_port(rest[1:], text)
+    elif raw.count(":") == 1:
+        host, port_text = raw.split(":")
+        port = _parse_port(port_text, text)
+    wildcard = host.startswith("*.")
+    if wildcard:
+        host = host[2:]
+    if "*" in host:
+        raise ValueError(f"{text!r}: '*' is allowed only as a leading '*.' label")
+    try:
+        canonical = normalize_host(host)
+    except AmbiguousRequest as exc:
+        raise ValueError(f"{text!r}: {exc.reason}") from None
+    if wildcard and "." not in canonical:
+        raise ValueError(f"{text!r}: a wildcard needs at least two labels after '*.'")
+    return HostPattern(host=canonical, port=port, wildcard=wildcard)
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: port must be 1-65535")
+    return int(text)
+
+
+def parse_duration(text: object) -> int:
+    match = _DURATION.fullmatch(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 1h")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_rate(text: object) -> RateLimit:
+    match = _RATE.fullmatch(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a rate like 10/m")
+    return RateLimit(count=int(match.group(1)), per_seconds=_UNIT_SECONDS[match.group(2)])
+
+
+def load_rules(text: str, *, file: str = "policy.yaml") -> RuleSet:
+    """Parse and validate a whole document. Raises PolicyError naming every problem."""
+    issues = _Collector(file)
+    try:
+        document = YAML(typ="rt", pure=True).load(text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = int(mark.line) + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PolicyError([PolicyIssue(file, line, "", f"invalid YAML: {problem}")]) from None
+    except Exception as exc:  # ruamel raises a few non-YAMLError types on odd input (e.g. tags)
+        raise PolicyError([PolicyIssue(file, 1, "", f"invalid YAML: {exc}")]) from None
+    if not isinstance(document, CommentedMap):
+        raise PolicyError([PolicyIssue(file, 1, "", "the document must be a mapping with version and rules")])
+
+    for key in document:
+        if key not in _TOP_KEYS:
+            issues.add(_key_line(document, key, 1), str(key), "unknown field")
+    version = document.get("version")
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        issues.add(
+            _key_line(document, "version", 1), "version", f"{version!r} is not a supported version (1)"
+        )
+    default_tier = Tier.T3
+    if "default_tier" in document:
+        try:
+            default_tier = Tier.parse(str(document["default_tier"]))
+        except ValueError as exc:
+            issues.add(_key_line(document, "default_tier", 1), "default_tier", str(exc))
+    raw_rules = document.get("rules")
+    rules: list[Rule] = []
+    if not isinstance(raw_rules, CommentedSeq):
+        issues.add(_key_line(document, "rules", 1), "rules", "must be a list of rules")
+    else:
+        for index, raw in enumerate(raw_rules):
+            rule = _parse_rule(raw, index, _item_line(raw_rules, index, 1), issues)
+            if rule is not None:
+                rules.append(rule)
+    if issues.issues:
+        raise PolicyError(issues.issues)
+    return _build(rules, default_tier, text, file)
+
+
+def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | None:
+    where = f"rules[{index}]"
+    if not isinstance(raw, CommentedMap):
+        issues.add(line, where, "must be a mapping")
+        return None
+    line = _node_line(raw, line)
+    before = len(issues.issues)
+
+    def at(key: str) -> int:
+        return _key_line(raw, key, line)
+
+    for key in raw:
+        if key not in _RULE_KEYS:
+            issues.add(at(key), f"{where}.{key}", "unknown field")
+    rule_id = raw.get("id")
+    if not isinstance(rule_id, str) or not _ID.fullmatch(rule_id):
+        issues.add(
+            at("id"), f"{where}.id", f"{rule_id!r} must be a name of letters, digits, '-', '_', '.', ':'"
+        )
+    action = raw.get("action")
+    if not isinstance(action, str) or not _ACTION.fullmatch(action):
+        issues.add(at("action"), f"{where}.action", f"{action!r} must be a name like github.delete_repo")
+    tier = Tier.T3
+    try:
+        tier = Tier.parse(str(raw.get("tier")))
+    except ValueError as exc:
+        issues.add(at("tier"), f"{where}.tier", str(exc))
+
+    hosts, methods, paths = _parse_match(raw.get("match"), where, at("match"), issues)
+    when, program = _parse_when(raw.get("when"), where, at("when"), issues)
+    target = raw.get("target", DEFAULT_TARGET)
+    if not isinstance(target, str) or not target:
+        issues.add(at("target"), f"{where}.target", "must be a non-empty string")
+        target = DEFAULT_TARGET
+    elif paths is not None or "target" in raw:
+        captured = set.intersection(*(set(p.variables) for p in paths)) if paths else set()
+        try:
+            check_target(target, captured)
+        except TemplateError as exc:
+            issues.add(at("target"), f"{where}.target", str(exc))
+    limits = _parse_limits(raw.get("limits"), tier, where, at("limits"), issues)
+    warrant = _parse_warrant(raw.get("warrant"), tier, where, at("warrant"), issues)
+    if len(issues.issues) != before:
+        return None
+    return Rule(
+        id=str(rule_id),
+        index=index,
+        line=line,
+        hosts=hosts,
+        methods=methods,
+        paths=paths,
+        when=when,
+        when_program=program,
+        action=str(action),
+        target=target,
+        tier=tier,
+        limits=limits,
+        warrant=warrant,
+    )
+
+
+def _parse_match(
+    raw: Any, where: str, line: int, issues: _Collector
+) -> tuple[tuple[HostPattern, ...] | None, frozenset[str] | None, tuple[PathTemplate, ...] | None]:
+    if raw is None:
+        return None, None, None
+    if not isinstance(raw, CommentedMap):
+        issues.add(line, f"{where}.match", "must be a mapping of hosts, methods, paths")
+        return None, None, None
+    for key in raw:
+        if key not in _MATCH_KEYS:
+            issues.add(_key_line(raw, key, line), f"{where}.match.{key}", "unknown field")
+
+    def items(key: str) -> list[tuple[int, Any]] | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        key_line = _key_line(raw, key, line)
+        if not isinstance(value, CommentedSeq) or not value:
+            issues.add(key_line, f"{where}.match.{key}", "must be a non-empty list")
+            return None
+        return [(_item_line(value, i, key_line), item) for i, item in enumerate(value)]
+
+    hosts: list[HostPattern] | None = None
+    if (host_items := items("hosts")) is not None:
+        hosts = []
+        for i, (item_line, item) in enumerate(host_items):
+            try:
+                hosts.append(parse_host_pattern(str(item)))
+            except ValueError as exc:
+                issues.add(item_line, f"{where}.match.hosts[{i}]", str(exc))
+    methods: set[str] | None = None
+    if (method_items := items("methods")) is not None:
+        methods = set()
+        for i, (item_line, item) in enumerate(method_items):
+            text = str(item)
+            try:
+                if normalize_method(text) != text:
+                    raise AmbiguousRequest("request.bad_method", "")
+                methods.add(text)
+            except AmbiguousRequest:
+                issues.add(
+                    item_line, f"{where}.match.methods[{i}]", f"{text!r} must be an upper-case HTTP method"
+                )
+    paths: list[PathTemplate] | None = None
+    if (path_items := items("paths")) is not None:
+        paths = []
+        for i, (item_line, item) in enumerate(path_items):
+            try:
+                paths.append(compile_path(str(item)))
+            except TemplateError as exc:
+                issues.add(item_line, f"{where}.match.paths[{i}]", str(exc))
+    return (
+        tuple(hosts) if hosts is not None else None,
+        frozenset(methods) if methods is not None else None,
+        tuple(paths) if paths is not None else None,
+    )
+
+
+def _parse_when(raw: Any, where: str, line: int, issues: _Collector) -> tuple[str | None, Any]:
+    if raw is None:
+        return None, None
+    if not isinstance(raw, str) or not raw.strip():
+        issues.add(line, f"{where}.when", "must be a CEL expression string")
+        return None, None
+    try:
+        program = cel.compile(raw)
+    except Exception as exc:  # the CEL binding raises ValueError, but any failure means "invalid"
+        first = str(exc).splitlines()[0]
+        issues.add(line, f"{where}.when", f"invalid CEL: {first}")
+        return None, None
+    unknown = {str(v).split(".")[0] for v in program.variables()} - {"request", "agent"}
+    if unknown:
+        issues.add(
+            line, f"{where}.when", f"unknown variable(s) {', '.join(sorted(unknown))}; use request or agent"
+        )
+    return raw, program
+
+
+def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> RateLimit | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, CommentedMap) or set(raw) - {"rate"} or "rate" not in raw:
+        issues.add(line, f"{where}.limits", "must be a mapping with rate, e.g. {rate: 10/m}")
+        return None
+    if tier is not Tier.T1:
+        issues.add(line, f"{where}.limits", f"limits apply to T1 rules only, this rule is {tier}")
+    try:
+        return parse_rate(raw["rate"])
+    except ValueError as exc:
+        issues.add(_key_line(raw, "rate", line), f"{where}.limits.rate", str(exc))
+        return None
+
+
+def _parse_warrant(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> WarrantPolicy:
+    if raw is None:
+        return WarrantPolicy()
+    if not isinstance(raw, CommentedMap):
+        issues.add(line, f"{where}.warrant", "must be a mapping of ttl, max_uses, bind")
+        return WarrantPolicy()
+    if not tier.needs_warrant:
+        issues.add(
+            line, f"{where}.warrant", f"warrant settings apply to T2/T3 rules only, this rule is {tier}"
+        )
+    for key in raw:
+        if key not in ("ttl", "max_uses", "bind"):
+            issues.add(_key_line(raw, key, line), f"{where}.warrant.{key}", "unknown field")
+    ttl: int | None = None
+    if "ttl" in raw:
+        try:
+            ttl = parse_duration(raw["ttl"])
+        except ValueError as exc:
+            issues.add(_key_line(raw, "ttl", line), f"{where}.warrant.ttl", str(exc))
+    max_uses = raw.get("max_uses", 1)
+    if isinstance(max_uses, bool) or not isinstance(max_uses, int) or not 1 <= max_uses <= 1000:
+        issues.add(_key_line(raw, "max_uses", line), f"{where}.warrant.max_uses", "must be an integer 1-1000")
+        max_uses = 1
+    bind = raw.get("bind", "exact")
+    if bind not in _BINDS:
+        issues.add(
+            _key_line(raw, "bind", line), f"{where}.warrant.bind", f"{bind!r} is not one of exact, path, host"
+        )
+        bind = "exact"
+    return WarrantPolicy(ttl_seconds=ttl, max_uses=max_uses, bind=str(bind))
+
+
+def _build(rules: list[Rule], default_tier: Tier, text: str, file: str) -> RuleSet:
+    exact: dict[str, list[int]] = {}
+    suffix: dict[str, list[int]] = {}
+    any_host: list[int] = []
+    named: set[str] = set()
+    for position, rule in enumerate(rules):
+        if rule.hosts is None:
+            any_host.append(position)
+            continue
+        for pattern in rule.hosts:
+            bucket = suffix if pattern.wildcard else exact
+            entries = bucket.setdefault(pattern.host, [])
+            if not entries or entries[-1] != position:
+                entries.append(position)
+            if not pattern.wildcard:
+                named.add(pattern.host)
+    return RuleSet(
+        version=1,
+        default_tier=default_tier,
+        rules=tuple(rules),
+        revision=hashlib.sha256(text.encode()).hexdigest(),
+        source=file,
+        by_exact_host={host: tuple(ids) for host, ids in exact.items()},
+        by_wildcard_suffix={host: tuple(ids) for host, ids in suffix.items()},
+        any_host=tuple(any_host),
+        named_hosts=frozenset(named),
+        warnings=tuple(lint(rules, file)),
+    )
+
+
+def lint(rules: list[Rule] | tuple[Rule, ...], file: str = "policy.yaml") -> list[PolicyIssue]:
+    """Duplicate ids and rules that an earlier rule (without `when`) always matches first."""
+    warnings: list[PolicyIssue] = []
+    seen: dict[str, Rule] = {}
+    for rule in rules:
+        where = f"rules[{rule.index}]"
+        if rule.id in seen:
+            first = seen[rule.id]
+            warnings.append(
+                PolicyIssue(
+                    file, rule.line, f"{where}.id", f"duplicate id {rule.id!r} (first on line {first.line})"
+                )
+            )
+        else:
+            seen[rule.id] = rule
+        for earlier in rules[: rules.index(rule)]:
+            if earlier.when is None and _covers(earlier, rule):
+                warnings.append(
+                    PolicyIssue(
+                        file,
+                        rule.line,
+                        where,
+                        f"rule {rule.id!r} is unreachable: rule {earlier.id!r} (line {earlier.line}) matches everything it matches",
+                    )
+                )
+                break
+    return warnings
+
+
+def _covers(earlier: Rule, later: Rule) -> bool:
+    if earlier.hosts is not None:
+        if later.hosts is None:
+            return False
+        if not all(any(mine.covers(theirs) for mine in earlier.hosts) for theirs in later.hosts):
+            return False
+    if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
+        return False
+    if earlier.paths is not None:
+        if later.paths is None:
+            return False
+        if not all(any(mine.covers(theirs) for mine in earlier.paths) for theirs in later.paths):
+            return False
+    return True

@@ -1,0 +1,425 @@
+"""Warrant claims, signing and verification against a request (the only module that calls jwt)."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+import jwt
+
+from policy.model import Intent, Request, Tier
+
+MIN_KEY_BYTES = 32
+MAX_TOKEN_CHARS = 32768  # bounds the parsing work an agent can make us do; `mint` stays below it
+ALGORITHM = "HS256"
+TOKEN_TYPE = "warrant+jwt"
+
+# Only these algorithms are even registered, so PyJWT itself cannot be talked into another one.
+_JWS = jwt.PyJWS(algorithms=[ALGORITHM], options={"enforce_minimum_key_length": True})
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Header parameters we mint. Anything else (crit, b64, jku, x5u, ...) changes how a token is read,
+# so it is refused rather than ignored.
+_HEADER_KEYS = frozenset({"alg", "typ", "kid"})
+_CONSTRAINT_KEYS = frozenset(
+    {"method", "scheme", "host", "port", "path", "path_prefix", "query", "body_sha256", "max_uses"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WarrantKeys:
+    """HMAC secrets by key id; new warrants are signed with `active_kid`, any listed key verifies."""
+
+    keys: Mapping[str, bytes] = field(repr=False)
+    active_kid: str
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("at least one warrant key is needed")
+        for kid, secret in self.keys.items():
+            if not isinstance(kid, str) or not kid:
+                raise ValueError("warrant key ids must be non-empty strings")
+            if not isinstance(secret, bytes) or len(secret) < MIN_KEY_BYTES:
+                raise ValueError(f"warrant key {kid!r} must be at least {MIN_KEY_BYTES} bytes")
+        if self.active_kid not in self.keys:
+            raise ValueError(f"active key id {self.active_kid!r} is not among the warrant keys")
+        # A private read-only copy: a caller mutating its dict must not change what verifies.
+        object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+
+
+class Bind(StrEnum):
+    """How tightly a warrant is bound to the request that asked for it."""
+
+    EXACT = "exact"
+    PATH = "path"
+    HOST = "host"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Constraints:
+    """What a request must look like to be covered by a warrant; None means "any"."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str | None
+    path_prefix: str | None
+    query: str | None
+    body_sha256: str | None
+    max_uses: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        if self.max_uses < 1:
+            raise ValueError("max_uses must be at least 1")
+        if self.body_sha256 is not None and not _SHA256_HEX.fullmatch(self.body_sha256):
+            raise ValueError("body_sha256 must be 64 lower-case hex digits")
+
+    def as_claim(self) -> dict[str, object]:
+        claim: dict[str, object] = {
+            "method": self.method,
+            "scheme": self.scheme,
+            "host": self.host,
+            "port": self.port,
+            "path": self.path,
+            "path_prefix": self.path_prefix,
+            "query": self.query,
+            "body_sha256": self.body_sha256,
+            "max_uses": self.max_uses,
+        }
+        return {key: value for key, value in claim.items() if value is not None}
+
+
+def constraints_for(request: Request, *, bind: Bind = Bind.EXACT, max_uses: int = 1) -> Constraints:
+    exact = bind is Bind.EXACT
+    return Constraints(
+        method=request.method,
+        scheme=request.scheme,
+        host=request.host,
+        port=request.port,
+        path=None if bind is Bind.HOST else request.path,
+        path_prefix=None,
+        query=request.query if exact else None,
+        body_sha256=request.body_sha256 if exact else None,
+        max_uses=max_uses,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Approval:
+    who: str
+    at: float
+    justification: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarrantClaims:
+    iss: str
+    sub: str
+    jti: str
+    iat: int
+    nbf: int
+    exp: int
+    tier: Tier
+    intent: Intent
+    approvals: tuple[Approval, ...]
+    con: Constraints
+    wrq: str | None = None
+
+    def as_payload(self) -> dict[str, object]:
+        payload: dict[str, object] = {
+            "iss": self.iss,
+            "sub": self.sub,
+            "jti": self.jti,
+            "iat": self.iat,
+            "nbf": self.nbf,
+            "exp": self.exp,
+            "tier": self.tier.value,
+            "intent": self.intent.as_dict(),
+            "approvals": [
+                {"who": a.who, "at": a.at, "justification": a.justification} for a in self.approvals
+            ],
+            "con": self.con.as_claim(),
+        }
+        if self.wrq is not None:
+            payload["wrq"] = self.wrq
+        return payload
+
+
+def mint(claims: WarrantClaims, keys: WarrantKeys) -> str:
+    payload = json.dumps(
+        claims.as_payload(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+    token = _JWS.encode(
+        payload,
+        keys.keys[keys.active_kid],
+        algorithm=ALGORITHM,
+        headers={"typ": TOKEN_TYPE, "kid": keys.active_kid},
+    )
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"warrant would be {len(token)} characters, more than verify accepts")
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class WarrantValid:
+    claims: WarrantClaims
+
+
+@dataclass(frozen=True, slots=True)
+class WarrantRefused:
+    code: str
+    reason: str
+
+
+def verify(
+    token: str,
+    request: Request,
+    *,
+    agent: str,
+    keys: WarrantKeys,
+    now: float,
+    required_tier: Tier,
+    issuer: str = "vienna",
+    leeway: int = 0,
+) -> WarrantValid | WarrantRefused:
+    """Check `token` for `request`; every failure is a refusal with a stable code, never an exception."""
+    try:
+        header, payload = _split(token)
+        claims, unknown_constraints = _parse_claims(payload)
+    except _Malformed as exc:
+        return WarrantRefused("warrant.malformed", str(exc))
+
+    # The header is checked before any key is touched, so `none`, RS256-with-our-secret
+    # (key confusion) and friends never reach signature code.
+    alg = header.get("alg")
+    if alg != ALGORITHM:
+        return WarrantRefused(
+            "warrant.algorithm", f"algorithm {_shown(alg)} is not accepted, only {ALGORITHM}"
+        )
+    if header.get("typ") != TOKEN_TYPE:
+        return WarrantRefused("warrant.type", f"token type {_shown(header.get('typ'))} is not {TOKEN_TYPE}")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or kid not in keys.keys:
+        return WarrantRefused("warrant.unknown_key", f"key id {_shown(kid)} is not known")
+
+    try:
+        _JWS.decode(token, keys.keys[kid], algorithms=[ALGORITHM])
+    except jwt.InvalidSignatureError:
+        return WarrantRefused("warrant.bad_signature", "signature does not verify")
+    except jwt.PyJWTError as exc:
+        return WarrantRefused("warrant.malformed", f"token rejected: {exc}")
+
+    # Written as `not (...)` so that a NaN clock fails closed.
+    if not now < claims.exp + leeway:
+        return WarrantRefused("warrant.expired", f"warrant expired at {claims.exp}")
+    if not now >= claims.nbf - leeway:
+        return WarrantRefused("warrant.not_yet_valid", f"warrant is not valid before {claims.nbf}")
+    if claims.iss != issuer:
+        return WarrantRefused("warrant.issuer", f"issuer {_shown(claims.iss)} is not {issuer!r}")
+    if claims.sub != agent:
+        return WarrantRefused(
+            "warrant.wrong_agent", f"warrant was issued to {_shown(claims.sub)}, not {agent!r}"
+        )
+    if not (
+        claims.tier.needs_warrant and required_tier.needs_warrant and claims.tier.rank >= required_tier.rank
+    ):
+        return WarrantRefused(
+            "warrant.tier", f"a {claims.tier} warrant does not cover a {required_tier} request"
+        )
+    if unknown_constraints:
+        return WarrantRefused(
+            "warrant.unknown_constraint",
+            f"unknown constraint(s): {', '.join(sorted(unknown_constraints))}",
+        )
+    mismatch = _first_mismatch(claims.con, request)
+    if mismatch is not None:
+        return WarrantRefused(
+            f"warrant.mismatch.{mismatch}", f"the request's {mismatch} is not what the warrant covers"
+        )
+    return WarrantValid(claims)
+
+
+def _first_mismatch(con: Constraints, request: Request) -> str | None:
+    checks: tuple[tuple[str, bool], ...] = (
+        ("method", con.method == request.method),
+        ("scheme", con.scheme == request.scheme),
+        ("host", con.host == request.host),
+        ("port", con.port == request.port),
+        (
+            "path",
+            (con.path is None or con.path == request.path)
+            and (con.path_prefix is None or _under_prefix(request.path, con.path_prefix)),
+        ),
+        ("query", con.query is None or con.query == request.query),
+        (
+            "body",
+            con.body_sha256 is None
+            or hmac.compare_digest(con.body_sha256.encode(), request.body_sha256.encode()),
+        ),
+    )
+    return next((name for name, ok in checks if not ok), None)
+
+
+def _under_prefix(path: str, prefix: str) -> bool:
+    # Segment-wise: a prefix of /v1/refunds must not cover /v1/refunds-all.
+    boundary = prefix if prefix.endswith("/") else prefix + "/"
+    return path == prefix or path.startswith(boundary)
+
+
+class _Malformed(Exception):
+    """Raised only while parsing; `verify` turns it into a `warrant.malformed` refusal."""
+
+
+def _split(token: object) -> tuple[dict[str, object], dict[str, object]]:
+    if not isinstance(token, str):
+        raise _Malformed("token is not a string")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise _Malformed(f"token is longer than {MAX_TOKEN_CHARS} characters")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _Malformed("token does not have three parts")
+    header = _json_object(_segment(parts[0], "header"), "header")
+    payload = _json_object(_segment(parts[1], "payload"), "payload")
+    _segment(parts[2], "signature")
+    extra = set(header) - _HEADER_KEYS
+    if extra:
+        raise _Malformed(f"unsupported header parameter(s): {', '.join(sorted(extra))}")
+    return header, payload
+
+
+def _segment(text: str, what: str) -> bytes:
+    if not _SEGMENT.fullmatch(text) or len(text) % 4 == 1:
+        raise _Malformed(f"{what} is not base64url")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # Unused trailing bits would let two spellings carry the same bytes; only one is accepted.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != text:
+        raise _Malformed(f"{what} is not canonical base64url")
+    return raw
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, object]:
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _Malformed(f"{what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise _Malformed(f"{what} is not a JSON object")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Duplicate keys are read differently by different parsers; refuse rather than pick one.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key")
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_claims(payload: Mapping[str, object]) -> tuple[WarrantClaims, frozenset[str]]:
+    tier_text = _str(payload, "tier")
+    try:
+        tier = Tier.parse(tier_text)
+    except ValueError as exc:
+        raise _Malformed(f"claim 'tier' is not a tier: {_shown(tier_text)}") from exc
+    intent = _obj(payload, "intent")
+    raw_approvals = payload.get("approvals")
+    if not isinstance(raw_approvals, list) or not all(isinstance(a, dict) for a in raw_approvals):
+        raise _Malformed("claim 'approvals' must be a list of objects")
+    approvals = tuple(
+        Approval(
+            who=_str(a, "who", "approvals."),
+            at=_number(a, "at", "approvals."),
+            justification=_str(a, "justification", "approvals."),
+        )
+        for a in raw_approvals
+    )
+    con = _obj(payload, "con")
+    try:
+        constraints = Constraints(
+            method=_str(con, "method", "con."),
+            scheme=_str(con, "scheme", "con."),
+            host=_str(con, "host", "con."),
+            port=_int(con, "port", "con."),
+            path=_opt_str(con, "path", "con."),
+            path_prefix=_opt_str(con, "path_prefix", "con."),
+            query=_opt_str(con, "query", "con."),
+            body_sha256=_opt_str(con, "body_sha256", "con."),
+            max_uses=_int(con, "max_uses", "con.") if "max_uses" in con else 1,
+        )
+    except ValueError as exc:
+        raise _Malformed(f"claim 'con' is invalid: {exc}") from exc
+    claims = WarrantClaims(
+        iss=_str(payload, "iss"),
+        sub=_str(payload, "sub"),
+        jti=_str(payload, "jti"),
+        iat=_int(payload, "iat"),
+        nbf=_int(payload, "nbf"),
+        exp=_int(payload, "exp"),
+        tier=tier,
+        intent=Intent(
+            action=_str(intent, "action", "intent."),
+            target=_str(intent, "target", "intent."),
+            rule=_opt_str(intent, "rule", "intent."),
+        ),
+        approvals=approvals,
+        con=constraints,
+        wrq=_opt_str(payload, "wrq"),
+    )
+    return claims, frozenset(con) - _CONSTRAINT_KEYS
+
+
+def _shown(value: object) -> str:
+    # Reasons echo what the token said, but never at length: a nested or huge value is only named.
+    if value is None:
+        return "(missing)"
+    return repr(value[:40]) if isinstance(value, str) else f"(a JSON {type(value).__name__})"
+
+
+def _str(obj: Mapping[str, object], key: str, where: str = "") -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise _Malformed(f"claim '{where}{key}' must be a string")
+    return value
+
+
+def _opt_str(obj: Mapping[str, object], key: str, where: str = "") -> str | None:
+    return None if obj.get(key) is None else _str(obj, key, where)
+
+
+def _int(obj: Mapping[str, object], key: str, where: str = "") -> int:
+    value = obj.get(key)
+    # bool is an int subclass; `true` is not a time or a port.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Malformed(f"claim '{where}{key}' must be an integer")
+    return value
+
+
+def _number(obj: Mapping[str, object], key: str, where: str = "") -> float:
+    value = obj.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _Malformed(f"claim '{where}{key}' must be a number")
+    # 1e999 parses as inf and a 400-digit integer does not fit a float: neither is a time.
+    if (isinstance(value, int) and abs(value) > 2**53) or not math.isfinite(value):
+        raise _Malformed(f"claim '{where}{key}' is out of range")
+    return float(value)
+
+
+def _obj(obj: Mapping[str, object], key: str) -> dict[str, object]:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise _Malformed(f"claim '{key}' must be an object")
+    return value

@@ -1,0 +1,102 @@
+"""The audit recorder: durable SQLite append, one JSON line on stdout, metrics, signed checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TextIO
+
+from policy.audit import AuditEvent, checkpoint_payload, redact, sign_checkpoint
+from proxy.metrics import Metrics
+from proxy.store import Store
+
+CHECKPOINT_FILE = "checkpoints.jsonl"
+
+
+class Recorder:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        audit_key: bytes,
+        checkpoint_path: Path,
+        checkpoint_every: int = 1000,
+        stdout: TextIO | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._audit_key = audit_key
+        self._checkpoint_path = checkpoint_path
+        self._checkpoint_every = checkpoint_every
+        self._stdout = stdout
+        self._clock = clock
+        self._since_checkpoint = 0
+
+    def record(
+        self, type: str, *, agent: str, policy_revision: str, payload: Mapping[str, object]
+    ) -> AuditEvent:
+        """Commit one event (raises StoreUnavailable when it cannot be) and publish it."""
+        event = self.store.append(
+            type=type,
+            agent=agent,
+            policy_revision=policy_revision,
+            payload=redact(dict(payload)),
+            ts=self._clock(),  # type: ignore[arg-type]
+        )
+        self.metrics.audit_events.labels(type=type).inc()
+        if self._stdout is not None:
+            line = json.dumps(
+                {"log": "vienna.audit", **event.as_dict()}, separators=(",", ":"), sort_keys=True
+            )
+            try:
+                self._stdout.write(line + "\n")
+                self._stdout.flush()
+            except (OSError, ValueError):
+                pass  # a closed stdout must not stop enforcement; the database holds the record
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._checkpoint_every:
+            self.checkpoint()
+        return event
+
+    def checkpoint(self) -> dict[str, object] | None:
+        """Sign (size, head hash) so that cutting off the newest events becomes detectable."""
+        size, head = self.store.head
+        if size == 0:
+            return None
+        ts = self._clock()
+        payload = checkpoint_payload(size, head, ts)
+        entry: dict[str, object] = {
+            "size": size,
+            "head_hash": head,
+            "ts": ts,
+            "sig": sign_checkpoint(payload, self._audit_key),
+        }
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        fd = os.open(self._checkpoint_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._since_checkpoint = 0
+        if self._stdout is not None:
+            try:
+                self._stdout.write(json.dumps({"log": "vienna.checkpoint", **entry}, sort_keys=True) + "\n")
+                self._stdout.flush()
+            except (OSError, ValueError):
+                pass
+        return entry
+
+    @property
+    def dirty(self) -> bool:
+        return self._since_checkpoint > 0
+
+
+def stdout_stream(enabled: bool) -> TextIO | None:
+    return sys.stdout if enabled else None

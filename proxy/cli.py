@@ -1,0 +1,337 @@
+"""The `vienna` command: run, policy check/explain, audit verify/export, approvals list/approve/deny."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from policy import engine
+from policy.audit import GENESIS_HASH, checkpoint_payload, verify_chain, verify_checkpoint
+from policy.classify import classify
+from policy.normalize import AmbiguousRequest, build_request
+from policy.rules import PolicyError, RuleSet, load_rules
+from proxy.settings import SettingsError, add_run_flags, resolve_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vienna",
+        description="Vienna sidecar: an enforcement proxy for AI agents (risk tiers, warrants, audit).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start the sidecar (proxy + control API)")
+    add_run_flags(run)
+
+    policy = commands.add_parser("policy", help="validate a policy or explain how it treats a request")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    check = policy_commands.add_parser("check", help="validate and lint; exit 0 ok, 1 invalid")
+    check.add_argument("path", type=Path)
+    explain = policy_commands.add_parser(
+        "explain", help="print the intent, tier and matching rule of a request"
+    )
+    explain.add_argument("path", type=Path)
+    explain.add_argument("method")
+    explain.add_argument("url")
+    explain.add_argument("--body", type=Path, help="file holding the request body")
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="K:V", help="a request header (repeatable)"
+    )
+    explain.add_argument("--agent", default="agent", help="agent id for `when` conditions")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+
+    audit = commands.add_parser("audit", help="verify or export the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    verify = audit_commands.add_parser("verify", help="check the hash chain; exit 0 intact, 1 tampered")
+    verify.add_argument("db", type=Path)
+    verify.add_argument("--checkpoints", type=Path, help="signed checkpoints file (default: next to the db)")
+    verify.add_argument(
+        "--audit-key-file", type=Path, help="key that signed the checkpoints (default: next to the db)"
+    )
+    export = audit_commands.add_parser("export", help="JSON Lines to stdout")
+    export.add_argument("db", type=Path)
+    export.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events after SEQ")
+
+    approvals = commands.add_parser("approvals", help="operator commands against a running sidecar")
+    approval_commands = approvals.add_subparsers(
+        dest="approvals_command", required=True, metavar="SUBCOMMAND"
+    )
+    for name, text in (("list", "list warrant requests"), ("approve", "approve one"), ("deny", "deny one")):
+        sub = approval_commands.add_parser(name, help=text)
+        if name != "list":
+            sub.add_argument("id")
+            sub.add_argument("--justification", default="", help="why (required to approve T3)")
+        else:
+            sub.add_argument("--status", default="pending", help="pending|approved|denied|expired|all")
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.add_argument(
+            "--api", default=os.environ.get("VIENNA_API_URL", "http://127.0.0.1:9090"), help="API base URL"
+        )
+        sub.add_argument(
+            "--token", default=os.environ.get("VIENNA_TOKEN"), help="operator token [env VIENNA_TOKEN]"
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "policy":
+            return _policy_check(args) if args.policy_command == "check" else _policy_explain(args)
+        if args.command == "audit":
+            return _audit_verify(args) if args.audit_command == "verify" else _audit_export(args)
+        return _approvals(args)
+    except BrokenPipeError:
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.keys import KeyError_
+    from proxy.runtime import configure_logging, serve
+
+    configure_logging()
+    try:
+        settings = resolve_settings(args, os.environ)
+        return asyncio.run(serve(settings))
+    except SettingsError as exc:
+        print(f"vienna run: {exc}", file=sys.stderr)
+        return 2
+    except (PolicyError, KeyError_) as exc:
+        print(f"vienna run: cannot start:\n{exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vienna run: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _load(path: Path, out: TextIO) -> RuleSet | None:
+    try:
+        return load_rules(path.read_text(), file=str(path))
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=out)
+    except UnicodeDecodeError:
+        print(f"{path}:1: the file is not UTF-8 text", file=out)
+    except PolicyError as exc:
+        for issue in exc.issues:
+            print(f"error: {issue}", file=out)
+    return None
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    rules = _load(args.path, sys.stderr)
+    if rules is None:
+        return 1
+    for warning in rules.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"{args.path}: ok: {len(rules.rules)} rules, default_tier {rules.default_tier}, revision {rules.revision[:12]}"
+    )
+    return 0
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    rules = _load(args.path, sys.stderr)
+    if rules is None:
+        return 1
+    headers: list[tuple[str, str]] = []
+    for item in args.header:
+        key, sep, value = item.partition(":")
+        if not sep:
+            print(f"--header {item!r}: expected K:V", file=sys.stderr)
+            return 2
+        headers.append((key.strip(), value.strip()))
+    body = args.body.read_bytes() if args.body else b""
+    parts = urlsplit(args.url)
+    try:
+        request = build_request(
+            method=args.method,
+            scheme=parts.scheme or "https",
+            host=parts.hostname or "",
+            port=parts.port,
+            target=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            headers=headers,
+            body=body,
+        )
+    except (AmbiguousRequest, ValueError) as exc:
+        reason = getattr(exc, "reason", str(exc))
+        code = getattr(exc, "code", "request.bad_target")
+        print(f"decision: bad_request\nreason:   {code}: {reason}")
+        return 0
+    found = classify(request, rules, agent=args.agent)
+    decision = engine.decide(request, rules=rules, warrant=None, agent=args.agent, keys=None, now=time.time())
+    result = {
+        "request": {"method": request.method, "url": request.url},
+        "action": found.intent.action,
+        "target": found.intent.target,
+        "tier": found.tier.value,
+        "rule": found.intent.rule,
+        "decision": decision.verdict.value,
+        "reason_code": decision.reason_code,
+        "reason": decision.reason,
+        "policy_revision": rules.revision,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    width = max(len(k) for k in result)
+    for key in ("request", "action", "target", "tier", "rule", "decision", "reason_code", "reason"):
+        value = result[key]
+        if key == "request":
+            value = f"{request.method} {request.url}"
+        print(f"{key + ':':<{width + 2}}{value if value is not None else '-'}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from proxy.store import read_events
+
+    db: Path = args.db
+    if not db.exists():
+        print(f"{db}: no such file", file=sys.stderr)
+        return 1
+    try:
+        events = list(read_events(db))
+    except Exception as exc:  # sqlite errors, malformed rows: all mean "cannot vouch for it"
+        print(f"{db}: cannot read the audit log: {exc}")
+        return 1
+    report = verify_chain(events, start_prev_hash=GENESIS_HASH)
+    if not report.ok:
+        print(
+            f"TAMPERED: event seq {report.first_bad_seq}: {report.problem} ({report.count} events verified before it)"
+        )
+        return 1
+    checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
+    key_file = args.audit_key_file or db.with_name("audit.key")
+    checked = 0
+    if checkpoints_file.exists():
+        if not key_file.exists():
+            print(f"{checkpoints_file}: cannot check checkpoints without the audit key ({key_file})")
+            return 1
+        key = key_file.read_bytes().strip()
+        hashes = {event.seq: event.hash for event in events}
+        for number, line in enumerate(checkpoints_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                payload = checkpoint_payload(int(entry["size"]), str(entry["head_hash"]), float(entry["ts"]))
+                signed = verify_checkpoint(payload, str(entry["sig"]), key)
+            except (ValueError, KeyError, TypeError):
+                print(f"{checkpoints_file}:{number}: malformed checkpoint")
+                return 1
+            if not signed:
+                print(
+                    f"{checkpoints_file}:{number}: checkpoint signature does not verify (forged or wrong key)"
+                )
+                return 1
+            size = int(entry["size"])
+            if size not in hashes:
+                print(
+                    f"TAMPERED: truncated: checkpoint {number} covers {size} events, the log has {len(events)}"
+                )
+                return 1
+            if hashes[size] != entry["head_hash"]:
+                print(f"TAMPERED: event seq {size}: differs from signed checkpoint {number}")
+                return 1
+            checked += 1
+    print(
+        f"ok: {report.count} events, chain intact, head {report.head_hash[:16]}, {checked} signed checkpoints verified"
+    )
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from proxy.store import read_events
+
+    if not args.db.exists():
+        print(f"{args.db}: no such file", file=sys.stderr)
+        return 1
+    for event in read_events(args.db):
+        if event.seq > args.since:
+            sys.stdout.write(json.dumps(event.as_dict(), sort_keys=True, separators=(",", ":")) + "\n")
+    return 0
+
+
+def _call(
+    method: str, url: str, token: str | None, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310 -- operator-given API URL
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": "http", "reason": exc.reason}
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    base = args.api.rstrip("/")
+    if not args.token:
+        print("an operator token is required: --token or VIENNA_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        if args.approvals_command == "list":
+            query = "" if args.status == "all" else f"?status={args.status}"
+            status, body = _call("GET", f"{base}/v1/warrant-requests{query}", args.token)
+            if status != 200:
+                return _fail(status, body)
+            items = body.get("warrant_requests", [])
+            if args.json:
+                print(json.dumps(items, indent=2))
+                return 0
+            if not items:
+                print(f"no {args.status} warrant requests")
+                return 0
+            print(f"{'ID':<28} {'STATUS':<9} {'TIER':<4} {'VOTES':<5} {'ACTION':<26} {'TARGET':<30} REQUEST")
+            for item in items:
+                req = item.get("request", {})
+                what = f"{req.get('method', '')} {req.get('url', '')}".strip() or "-"
+                print(
+                    f"{item['id']:<28} {item['status']:<9} {item['tier']:<4} "
+                    f"{item['approvals']}/{item['approvals_required']:<3} {item['intent']['action']:<26} "
+                    f"{item['intent']['target'][:30]:<30} {what}"
+                )
+            return 0
+        verb = args.approvals_command
+        status, body = _call(
+            "POST",
+            f"{base}/v1/warrant-requests/{args.id}/{verb}",
+            args.token,
+            {"justification": args.justification},
+        )
+        if status != 200:
+            return _fail(status, body)
+        print(
+            f"{args.id}: {verb} recorded; status {body.get('status')} ({body.get('approvals')}/{body.get('approvals_required')} approvals)"
+        )
+        return 0
+    except urllib.error.URLError as exc:
+        print(f"cannot reach {base}: {exc.reason}", file=sys.stderr)
+        return 1
+
+
+def _fail(status: int, body: dict[str, Any]) -> int:
+    print(f"refused ({status}): {body.get('reason') or body.get('error')}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The control API (DESIGN.md §7): health, metrics, CA, intents, warrant requests, approvals, audit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from policy.approvals import ApprovalError
+from policy.model import Decision, Intent, Tier, Verdict
+from policy.normalize import AmbiguousRequest, build_request
+from proxy.answers import deny_body
+from proxy.store import StoreUnavailable
+from proxy.warrant_requests import canonical_request, constraints_preview
+
+if TYPE_CHECKING:
+    from proxy.runtime import Sidecar
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+CA_CERT: web.AppKey[Path] = web.AppKey("ca_cert")
+_MAX_JSON = 1 << 20
+
+
+def _error(status: int, error: str, reason: str, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="vienna"'} if status == 401 else None
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status, headers=headers)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > _MAX_JSON:
+        raise web.HTTPRequestEntityTooLarge(max_size=_MAX_JSON, actual_size=request.content_length)
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("the body must be a JSON object")
+    return body
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _operator(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return request.app[SIDECAR].operators.authenticate(token.strip())
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except _BadRequest as exc:
+        return _error(400, "bad_request", str(exc))
+    except StoreUnavailable as exc:
+        return _error(503, "unavailable", f"the audit store cannot record: {exc}")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, "bad_request" if exc.status < 500 else "error", exc.reason)
+        raise
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    body = {
+        "status": "ready" if sidecar.ready else "not_ready",
+        "policy_revision": sidecar.rules.revision,
+        "policy_rules": len(sidecar.rules.rules),
+        "proxy_listening": sidecar.proxy_listening,
+        "api_listening": sidecar.api_listening,
+    }
+    return web.json_response(body, status=200 if sidecar.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    sidecar.warrant_requests.refresh_pending()
+    return web.Response(
+        body=sidecar.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def ca_pem(request: web.Request) -> web.Response:
+    path = request.app[CA_CERT]
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return _error(503, "unavailable", "the interception CA is not created yet")
+    return web.Response(body=content, headers={"Content-Type": "application/x-pem-file"})
+
+
+async def submit_intent(request: web.Request) -> web.Response:
+    """The seed SDK's contract: an agent announces an intent, gets direct or passback."""
+    sidecar = request.app[SIDECAR]
+    body = await _json_body(request)
+    action, target = body.get("action"), body.get("target", "")
+    params = body.get("params") or {}
+    agent = body.get("agent_id") or sidecar.settings.agent_id
+    if not isinstance(action, str) or not action.strip():
+        raise _BadRequest("'action' must be a non-empty string")
+    if not isinstance(target, str) or not isinstance(agent, str) or not isinstance(params, dict):
+        raise _BadRequest("'target' and 'agent_id' must be strings and 'params' an object")
+    rules = sidecar.rules
+    http_request = None
+    if "url" in params or "method" in params:
+        http_request = _params_request(params)
+    if http_request is not None:
+        from policy import engine
+
+        decision = engine.decide(
+            http_request,
+            rules=rules,
+            warrant=None,
+            agent=sidecar.settings.agent_id,
+            keys=sidecar.keys,
+            now=sidecar.clock(),
+        )
+    else:
+        decision = _decision_for_action(sidecar, action, target)
+    intent = decision.intent
+    if http_request is None:
+        intent = Intent(action=action, target=target, rule=decision.rule_id)
+        decision = _with_intent(decision, intent)
+    sidecar.recorder.record(
+        "intent",
+        agent=agent,
+        policy_revision=rules.revision,
+        payload={
+            "action": action,
+            "target": target,
+            "params_keys": sorted(params),
+            "tier": decision.tier.value,
+            "rule": decision.rule_id,
+            "reason_code": decision.reason_code,
+        },
+    )
+    sidecar.metrics.requests.labels(
+        tier=decision.tier.value,
+        decision=decision.verdict.value,
+        action=sidecar.metrics.action_label(intent.action),
+    ).inc()
+    if decision.verdict in (Verdict.DENIED, Verdict.BAD_REQUEST):
+        return web.json_response(
+            deny_body(decision), status=decision.verdict.http_status, headers={"Vienna-Decision": "deny"}
+        )
+    if not decision.tier.needs_warrant:
+        return web.json_response(
+            {
+                "mode": "direct",
+                "execution_id": "ex_" + secrets.token_hex(8),
+                "status": "allowed",
+                "tier": decision.tier.value,
+                "intent": intent.as_dict(),
+                "policy_revision": rules.revision,
+            }
+        )
+    canonical: dict[str, Any] = (
+        canonical_request(http_request)
+        if http_request is not None
+        else {"action": action, "target": target, "params": params}
+    )
+    stored = sidecar.warrant_requests.open(
+        agent=sidecar.settings.agent_id, decision=decision, canonical=canonical
+    )
+    summary = sidecar.warrant_requests.summary(stored)
+    answer: dict[str, Any] = {
+        "mode": "passback",
+        "status": "approved" if summary["status"] == "approved" else "pending_approval",
+        "tier": decision.tier.value,
+        "intent": intent.as_dict(),
+        "instruction": {
+            "what": "wait for operator approval, then send the request through the proxy with the warrant",
+            "header": "Vienna-Warrant",
+            "poll": summary["url"],
+            **({"method": http_request.method, "url": http_request.url} if http_request is not None else {}),
+        },
+        "constraints": constraints_preview(http_request, decision, rules) if http_request is not None else {},
+        "warrant_request": summary,
+    }
+    if stored.warrant is not None and summary["status"] == "approved":
+        answer["warrant_id"] = stored.warrant_id
+        answer["warrant"] = stored.warrant
+    return web.json_response(answer, status=202 if answer["status"] == "pending_approval" else 200)
+
+
+def _params_request(params: dict[str, Any]) -> Any:
+    from urllib.parse import urlsplit
+
+    url, method = params.get("url"), params.get("method", "GET")
+    if not isinstance(url, str) or not isinstance(method, str):
+        raise _BadRequest("params.url and params.method must be strings")
+    parts = urlsplit(url)
+    body = params.get("body", "")
+    if not isinstance(body, str):
+        body = json.dumps(body, separators=(",", ":"))
+    try:
+        return build_request(
+            method=method,
+            scheme=parts.scheme,
+            host=parts.hostname or "",
+            port=parts.port,
+            target=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            headers=[(str(k), str(v)) for k, v in (params.get("headers") or {}).items()],
+            body=body.encode(),
+        )
+    except (AmbiguousRequest, ValueError) as exc:
+        raise _BadRequest(f"params.url: {getattr(exc, 'reason', exc)}") from None
+
+
+def _decision_for_action(sidecar: Sidecar, action: str, target: str) -> Decision:
+    """An intent named only by its action gets the highest tier any rule gives that action (fail closed)."""
+    rules = sidecar.rules
+    matching = rules.rules_for_action(action)
+    if matching:
+        rule = max(matching, key=lambda r: r.tier.rank)
+        tier, rule_id, code = rule.tier, rule.id, "policy.action"
+        reason = f"action {action!r} is {tier} by rule {rule.id!r}"
+    else:
+        tier, rule_id, code = rules.default_tier, None, "policy.default_tier"
+        reason = f"no rule names action {action!r}; default_tier applies"
+    verdict = {Tier.DENY: Verdict.DENIED}.get(
+        tier, Verdict.WARRANT_REQUIRED if tier.needs_warrant else Verdict.ALLOW
+    )
+    return Decision(
+        verdict=verdict,
+        tier=tier,
+        intent=Intent(action=action, target=target, rule=rule_id),
+        reason_code="policy.deny" if tier is Tier.DENY else code,
+        reason=reason,
+        policy_revision=rules.revision,
+    )
+
+
+def _with_intent(decision: Decision, intent: Intent) -> Decision:
+    from dataclasses import replace
+
+    return replace(decision, intent=intent)
+
+
+async def get_warrant_request(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    stored = sidecar.store.get_request(request.match_info["id"])
+    if stored is None:
+        return _error(404, "not_found", "no such warrant request")
+    return web.json_response(sidecar.warrant_requests.view(stored, include_warrant=True))
+
+
+async def list_warrant_requests(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    if _operator(request) is None:
+        return _error(401, "unauthorized", "an operator bearer token is required")
+    status = request.query.get("status")
+    if status is not None and status not in ("pending", "approved", "denied", "expired"):
+        raise _BadRequest("status must be pending, approved, denied or expired")
+    found = sidecar.store.list_requests(status, sidecar.clock())
+    items = [sidecar.warrant_requests.view(item, include_warrant=False) for item in found]
+    return web.json_response({"warrant_requests": items, "count": len(items)})
+
+
+async def _vote(request: web.Request, approve: bool) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    operator = _operator(request)
+    if operator is None:
+        return _error(401, "unauthorized", "an operator bearer token is required")
+    body = await _json_body(request)
+    justification = body.get("justification", "")
+    if not isinstance(justification, str):
+        raise _BadRequest("'justification' must be a string")
+    try:
+        stored = sidecar.warrant_requests.vote(
+            request.match_info["id"], operator=operator, approve=approve, justification=justification
+        )
+    except KeyError:
+        return _error(404, "not_found", "no such warrant request")
+    except ApprovalError as exc:
+        return _error(exc.http_status, exc.code.split(".")[-1], exc.reason, reason_code=exc.code)
+    return web.json_response(sidecar.warrant_requests.view(stored, include_warrant=False))
+
+
+async def approve(request: web.Request) -> web.Response:
+    return await _vote(request, True)
+
+
+async def deny(request: web.Request) -> web.Response:
+    return await _vote(request, False)
+
+
+async def audit(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    if _operator(request) is None:
+        return _error(401, "unauthorized", "an operator bearer token is required")
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise _BadRequest("after and limit must be integers") from None
+    if after < 0 or not 1 <= limit <= 10_000:
+        raise _BadRequest("after must be >= 0 and limit 1-10000")
+    events = [event.as_dict() for event in sidecar.store.events(after=after, limit=limit)]
+    next_after = events[-1]["seq"] if events else after
+    return web.json_response({"events": events, "next_after": next_after, "head_seq": sidecar.store.head[0]})
+
+
+def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=_MAX_JSON)
+    app[SIDECAR] = sidecar
+    app[CA_CERT] = ca_cert
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/ca.pem", ca_pem)
+    app.router.add_post("/v1/intents", submit_intent)
+    app.router.add_get("/v1/warrant-requests", list_warrant_requests)
+    app.router.add_get("/v1/warrant-requests/{id}", get_warrant_request)
+    app.router.add_post("/v1/warrant-requests/{id}/approve", approve)
+    app.router.add_post("/v1/warrant-requests/{id}/deny", deny)
+    app.router.add_get("/v1/audit", audit)
+    return app

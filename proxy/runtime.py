@@ -1,0 +1,315 @@
+"""`vienna run`: the sidecar's state, mitmproxy and the control API on one event loop, reload and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+from mitmproxy import options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from policy.rules import PolicyError, Rule, RuleSet, load_rules
+from policy.warrants import WarrantKeys
+from proxy.addon import EnforcementAddon
+from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
+from proxy.control.app import make_app
+from proxy.forward import DestinationResolver, Forwarder, upstream_ssl_context
+from proxy.keys import Operators, load_audit_key, load_operators, load_warrant_keys, write_ca_bundle
+from proxy.metrics import Metrics
+from proxy.ratelimit import RateLimiter
+from proxy.settings import Settings
+from proxy.store import Store
+from proxy.warrant_requests import WarrantRequests
+
+log = logging.getLogger("vienna")
+BUILTIN_POLICY_NAME = "<built-in policy>"
+
+
+def builtin_policy_text() -> str:
+    return resources.files("proxy").joinpath("builtin_policy.yaml").read_text()
+
+
+def read_policy(path: Path | None) -> RuleSet:
+    if path is None:
+        return load_rules(builtin_policy_text(), file=BUILTIN_POLICY_NAME)
+    return load_rules(path.read_text(), file=str(path))
+
+
+@dataclass
+class Sidecar:
+    """Everything a running sidecar holds; the addon and the API both read it."""
+
+    settings: Settings
+    rules: RuleSet
+    keys: WarrantKeys
+    operators: Operators
+    store: Store
+    metrics: Metrics
+    recorder: Recorder
+    warrant_requests: WarrantRequests
+    forwarder: Forwarder
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    proxy_listening: bool = False
+    api_listening: bool = False
+    stopping: bool = False
+    inflight: int = 0
+    _rules_by_id: dict[str, Rule] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index_rules()
+
+    @staticmethod
+    def clock() -> float:
+        return time.time()
+
+    @property
+    def ready(self) -> bool:
+        return self.proxy_listening and self.api_listening and not self.stopping
+
+    def _index_rules(self) -> None:
+        self._rules_by_id = {}
+        for rule in self.rules.rules:
+            self._rules_by_id.setdefault(rule.id, rule)
+
+    def rule_by_id(self, rule_id: str | None) -> Rule | None:
+        return self._rules_by_id.get(rule_id) if rule_id else None
+
+    def reload_policy(self) -> bool:
+        """Validate the whole file, then swap atomically; a bad file keeps the last good policy."""
+        try:
+            new_rules = read_policy(self.settings.policy)
+        except (PolicyError, OSError, UnicodeDecodeError) as exc:
+            self.metrics.policy_reloads.labels(result="error").inc()
+            log.error("policy reload failed, keeping revision %s: %s", self.rules.revision[:12], exc)
+            return False
+        if new_rules.revision == self.rules.revision:
+            return True
+        old = self.rules.revision
+        self.rules = new_rules
+        self._index_rules()
+        self.metrics.policy_rules.set(len(new_rules.rules))
+        self.metrics.policy_reloads.labels(result="success").inc()
+        with contextlib.suppress(Exception):
+            self.recorder.record(
+                "policy",
+                agent=self.settings.agent_id,
+                policy_revision=new_rules.revision,
+                payload={"event": "reloaded", "previous_revision": old, "rules": len(new_rules.rules)},
+            )
+        log.warning("policy reloaded: revision %s (%d rules)", new_rules.revision[:12], len(new_rules.rules))
+        return True
+
+
+def build_sidecar(settings: Settings) -> Sidecar:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        settings.data_dir.chmod(0o700)
+    if settings.policy is None:
+        log.warning(
+            "no --policy given: using the built-in safe policy (reads T0, writes T2, cloud metadata denied)"
+        )
+    rules = read_policy(settings.policy)
+    keys = load_warrant_keys(settings.warrant_key_file, settings.data_dir)
+    operators = load_operators(settings.operators)
+    if not operators.names:
+        log.warning("no --operators given: nobody can approve warrant requests")
+    metrics = Metrics()
+    metrics.policy_rules.set(len(rules.rules))
+    metrics.policy_reloads.labels(result="success").inc()
+    store = Store(settings.data_dir / "audit.db")
+    recorder = Recorder(
+        store,
+        metrics,
+        audit_key=load_audit_key(settings.audit_key_file, settings.data_dir),
+        checkpoint_path=settings.data_dir / CHECKPOINT_FILE,
+        checkpoint_every=settings.checkpoint_every,
+        stdout=stdout_stream(settings.audit_stdout),
+    )
+    holder: dict[str, Sidecar] = {}
+    warrant_requests = WarrantRequests(
+        store,
+        recorder,
+        metrics,
+        keys=keys,
+        rules=lambda: holder["sidecar"].rules,
+        api_base_url=settings.api_base_url,
+        pending_ttl=settings.pending_ttl,
+    )
+    forwarder = Forwarder(
+        DestinationResolver(),
+        ssl_context=upstream_ssl_context(settings.upstream_ca_file),
+        connect_timeout=settings.connect_timeout,
+        response_timeout=settings.upstream_timeout,
+        max_response_bytes=settings.max_response_bytes,
+    )
+    sidecar = Sidecar(
+        settings=settings,
+        rules=rules,
+        keys=keys,
+        operators=operators,
+        store=store,
+        metrics=metrics,
+        recorder=recorder,
+        warrant_requests=warrant_requests,
+        forwarder=forwarder,
+    )
+    holder["sidecar"] = sidecar
+    warrant_requests.refresh_pending()
+    return sidecar
+
+
+def _mitm_options(settings: Settings) -> options.Options:
+    confdir = settings.data_dir / "ca"
+    confdir.mkdir(parents=True, exist_ok=True)
+    mode = "transparent" if settings.mode == "transparent" else "regular"
+    return options.Options(
+        listen_host=settings.listen_host, listen_port=settings.listen_port, mode=[mode], confdir=str(confdir)
+    )
+
+
+def ca_cert_path(settings: Settings) -> Path:
+    return settings.data_dir / "ca" / "mitmproxy-ca-cert.pem"
+
+
+async def _watch_policy(sidecar: Sidecar, interval: float = 1.0) -> None:
+    """Poll the policy file; a ConfigMap update swaps a symlink, so compare resolved path and mtime too."""
+    path = sidecar.settings.policy
+    if path is None:
+        return
+
+    def stamp() -> tuple[str, float, int] | None:
+        try:
+            real = path.resolve()
+            info = real.stat()
+            return str(real), info.st_mtime, info.st_size
+        except OSError:
+            return None
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        current = stamp()
+        if current != last and current is not None:
+            last = current
+            sidecar.reload_policy()
+
+
+async def _checkpoints(sidecar: Sidecar) -> None:
+    while True:
+        await asyncio.sleep(sidecar.settings.checkpoint_seconds)
+        if sidecar.recorder.dirty:
+            try:
+                sidecar.recorder.checkpoint()
+            except OSError as exc:
+                log.error("audit checkpoint failed: %s", exc)
+
+
+async def serve(settings: Settings) -> int:
+    sidecar = build_sidecar(settings)
+    loop = asyncio.get_running_loop()
+    master = Master(_mitm_options(settings), event_loop=loop)
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+        EnforcementAddon(sidecar),
+    )
+    master.options.update(connection_strategy="lazy", rawtcp=False, http3=False)
+    if settings.upstream_ca_file is not None:
+        master.options.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_file))
+
+    app = make_app(sidecar, ca_cert=ca_cert_path(settings))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api_host, settings.api_port, shutdown_timeout=5.0)
+    await site.start()
+    sidecar.api_listening = True
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_policy)
+
+    master_task = asyncio.create_task(master.run(), name="mitmproxy")
+    proxy_server = master.addons.get("proxyserver")
+    for _ in range(200):
+        if master_task.done():
+            break
+        if proxy_server is not None and proxy_server.is_running and proxy_server.listen_addrs():
+            break
+        await asyncio.sleep(0.05)
+    if master_task.done():
+        await runner.cleanup()
+        sidecar.store.close()
+        exc = master_task.exception()
+        log.error("the proxy could not start: %s", exc)
+        return 1
+    if settings.ca_bundle_out is not None:
+        write_ca_bundle(settings.ca_bundle_out, ca_cert_path(settings))
+    sidecar.proxy_listening = True
+    gc.collect()
+    gc.freeze()  # mitmproxy's latency spikes come from the collector walking start-up objects
+    background = [asyncio.create_task(_watch_policy(sidecar)), asyncio.create_task(_checkpoints(sidecar))]
+    log.warning(
+        "vienna sidecar ready: proxy %s:%d (%s), api %s, agent %s, policy %s (%s), enforcement %s",
+        settings.listen_host,
+        settings.listen_port,
+        settings.mode,
+        settings.api_base_url,
+        settings.agent_id,
+        settings.policy or BUILTIN_POLICY_NAME,
+        sidecar.rules.revision[:12],
+        settings.enforcement,
+    )
+
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopper, master_task}, return_when=asyncio.FIRST_COMPLETED)
+    sidecar.stopping = True
+    log.warning("stopping: no new connections, finishing in-flight requests")
+    await _drain(sidecar, master)
+    master.shutdown()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(master_task, 10)
+    for task in background:
+        task.cancel()
+    await runner.cleanup()
+    await sidecar.forwarder.close()
+    with contextlib.suppress(Exception):
+        if sidecar.recorder.dirty:
+            sidecar.recorder.checkpoint()
+    sidecar.store.close()
+    return 0
+
+
+async def _drain(sidecar: Sidecar, master: Master, timeout: float = 10.0) -> None:
+    proxy_server = master.addons.get("proxyserver")
+    with contextlib.suppress(Exception):
+        # stop listening: setting no modes closes the listeners but keeps live connections
+        await proxy_server.servers.update([])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sidecar.inflight == 0:
+            break
+        await asyncio.sleep(0.05)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("VIENNA_LOG_LEVEL", "WARNING").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mitmproxy").setLevel(logging.ERROR)

@@ -1,0 +1,166 @@
+"""`vienna run` flags and VIENNA_* environment variables → one frozen Settings value."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A flag or environment value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    policy: Path | None
+    listen_host: str
+    listen_port: int
+    api_host: str
+    api_port: int
+    mode: str
+    agent_id: str
+    data_dir: Path
+    warrant_key_file: Path | None
+    operators: Path | None
+    upstream_ca_file: Path | None
+    enforcement: str
+    max_body_bytes: int
+    max_response_bytes: int
+    upstream_timeout: float
+    connect_timeout: float
+    pending_ttl: float
+    ca_bundle_out: Path | None
+    audit_key_file: Path | None
+    audit_stdout: bool
+    checkpoint_every: int
+    checkpoint_seconds: float
+    public_api_url: str | None
+
+    @property
+    def dryrun(self) -> bool:
+        return self.enforcement == "dryrun"
+
+    @property
+    def api_base_url(self) -> str:
+        if self.public_api_url:
+            return self.public_api_url.rstrip("/")
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "") else self.api_host  # noqa: S104 -- comparing, not binding
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.api_port}"
+
+
+# (flag, default, help) — every flag is also read from VIENNA_<FLAG> (upper-case, '-' → '_').
+RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
+    ("policy", None, "policy file (default: the built-in safe policy)"),
+    ("listen", "127.0.0.1:8080", "proxy address HOST:PORT"),
+    ("api", "127.0.0.1:9090", "control API address HOST:PORT"),
+    ("mode", "regular", "regular (HTTP_PROXY) or transparent (iptables redirect)"),
+    ("agent-id", None, "the agent's id (default: the host name)"),
+    ("data-dir", "./vienna-data", "audit db, CA and generated keys"),
+    (
+        "warrant-key-file",
+        None,
+        "HMAC secret for warrants (default: generated in the data dir, with a warning)",
+    ),
+    ("operators", None, "operators file (YAML: operators: [{name, token_sha256}])"),
+    ("upstream-ca-file", None, "extra CA bundle trusted for upstream TLS"),
+    ("enforcement", "enforce", "enforce, or dryrun (forward everything, mark would-deny)"),
+    ("max-body-bytes", str(DEFAULT_MAX_BODY), "largest request body buffered for hashing; larger → 413"),
+    ("max-response-bytes", str(DEFAULT_MAX_RESPONSE), "largest upstream response relayed; larger → 502"),
+    ("upstream-timeout", "30", "seconds to wait for an upstream response; then 504"),
+    ("connect-timeout", "10", "seconds to wait for an upstream connection; then 504"),
+    ("pending-ttl", "3600", "seconds a warrant request stays pending before it expires"),
+    ("ca-bundle-out", None, "write system CAs + the interception CA here at start-up (for the agent)"),
+    ("audit-key-file", None, "HMAC key for signed audit checkpoints (default: generated in the data dir)"),
+    ("audit-stdout", "true", "also write every audit event as a JSON line to stdout (true/false)"),
+    ("checkpoint-every", "1000", "sign an audit checkpoint every N events"),
+    ("checkpoint-seconds", "60", "and at least every T seconds when events were added"),
+    ("public-api-url", None, "API base URL to put in passback bodies (default: from --api)"),
+)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, default, text in RUN_FLAGS:
+        env = "VIENNA_" + flag.upper().replace("-", "_")
+        shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
+        parser.add_argument(f"--{flag}", default=None, help=text + shown)
+
+
+def _address(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"--{flag}: {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _number(text: str, flag: str, *, minimum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"--{flag}: {text!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"--{flag}: must be at least {minimum}")
+    return value
+
+
+def _choice(text: str, flag: str, allowed: tuple[str, ...]) -> str:
+    if text not in allowed:
+        raise SettingsError(f"--{flag}: {text!r} is not one of {', '.join(allowed)}")
+    return text
+
+
+def _flag_bool(text: str, flag: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"--{flag}: {text!r} is not true or false")
+
+
+def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Flags win over VIENNA_* variables, which win over defaults."""
+    raw: dict[str, str | None] = {}
+    for flag, default, _ in RUN_FLAGS:
+        value = getattr(args, flag.replace("-", "_"), None)
+        if value is None:
+            value = env.get("VIENNA_" + flag.upper().replace("-", "_")) or None
+        raw[flag] = value if value is not None else default
+
+    def path(flag: str) -> Path | None:
+        value = raw[flag]
+        return Path(value) if value else None
+
+    listen_host, listen_port = _address(str(raw["listen"]), "listen")
+    api_host, api_port = _address(str(raw["api"]), "api")
+    return Settings(
+        policy=path("policy"),
+        listen_host=listen_host,
+        listen_port=listen_port,
+        api_host=api_host,
+        api_port=api_port,
+        mode=_choice(str(raw["mode"]), "mode", ("regular", "transparent")),
+        agent_id=raw["agent-id"] or socket.gethostname(),
+        data_dir=Path(str(raw["data-dir"])),
+        warrant_key_file=path("warrant-key-file"),
+        operators=path("operators"),
+        upstream_ca_file=path("upstream-ca-file"),
+        enforcement=_choice(str(raw["enforcement"]), "enforcement", ("enforce", "dryrun")),
+        max_body_bytes=int(_number(str(raw["max-body-bytes"]), "max-body-bytes", minimum=0)),
+        max_response_bytes=int(_number(str(raw["max-response-bytes"]), "max-response-bytes", minimum=1024)),
+        upstream_timeout=_number(str(raw["upstream-timeout"]), "upstream-timeout", minimum=0.01),
+        connect_timeout=_number(str(raw["connect-timeout"]), "connect-timeout", minimum=0.01),
+        pending_ttl=_number(str(raw["pending-ttl"]), "pending-ttl", minimum=1),
+        ca_bundle_out=path("ca-bundle-out"),
+        audit_key_file=path("audit-key-file"),
+        audit_stdout=_flag_bool(str(raw["audit-stdout"]), "audit-stdout"),
+        checkpoint_every=int(_number(str(raw["checkpoint-every"]), "checkpoint-every", minimum=1)),
+        checkpoint_seconds=_number(str(raw["checkpoint-seconds"]), "checkpoint-seconds", minimum=0.1),
+        public_api_url=raw["public-api-url"],
+    )

@@ -1,0 +1,316 @@
+"""SQLite in the data dir: the audit hash chain, warrant requests with their votes, consumed warrant ids."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from policy.approvals import RequestStatus, Vote, WarrantRequest
+from policy.audit import GENESIS_HASH, AuditEvent, link
+from policy.model import Intent, Tier
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    policy_revision TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS warrant_requests (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    request TEXT NOT NULL,
+    rule_id TEXT,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    votes TEXT NOT NULL,
+    warrant TEXT,
+    warrant_id TEXT,
+    warrant_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS warrant_requests_by_fingerprint ON warrant_requests (agent, fingerprint, status);
+CREATE INDEX IF NOT EXISTS warrant_requests_by_status ON warrant_requests (status);
+CREATE TABLE IF NOT EXISTS warrant_uses (
+    jti TEXT PRIMARY KEY,
+    uses INTEGER NOT NULL,
+    max_uses INTEGER NOT NULL,
+    first_used_at REAL NOT NULL
+);
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot write (locked, read-only, disk full): callers must refuse, never forward."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredRequest:
+    """A warrant request plus what the proxy keeps beside the pure lifecycle state."""
+
+    state: WarrantRequest
+    fingerprint: str
+    request: Mapping[str, Any]
+    rule_id: str | None
+    warrant: str | None = None
+    warrant_id: str | None = None
+    warrant_expires_at: float | None = None
+
+
+class Store:
+    """One connection, used from the event loop thread; every write commits before returning."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=2.0)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        self._head_seq: int = row[0] if row else 0
+        self._head_hash: str = row[1] if row else GENESIS_HASH
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def head(self) -> tuple[int, str]:
+        return self._head_seq, self._head_hash
+
+    # --- audit chain -------------------------------------------------------------------------
+
+    def append(
+        self, *, type: str, agent: str, policy_revision: str, payload: Mapping[str, object], ts: float
+    ) -> AuditEvent:
+        """Append one event and commit it; raises StoreUnavailable when that cannot be done."""
+        with self._lock:
+            event = link(
+                prev_hash=self._head_hash,
+                seq=self._head_seq + 1,
+                ts=ts,
+                type=type,
+                agent=agent,
+                policy_revision=policy_revision,
+                payload=payload,
+            )
+            try:
+                self._db.execute(
+                    "INSERT INTO audit (seq, ts, type, agent, policy_revision, payload, prev_hash, hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.seq,
+                        event.ts,
+                        event.type,
+                        event.agent,
+                        event.policy_revision,
+                        json.dumps(event.payload, sort_keys=True, separators=(",", ":")),
+                        event.prev_hash,
+                        event.hash,
+                    ),
+                )
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"audit store cannot write: {exc}") from exc
+            self._head_seq, self._head_hash = event.seq, event.hash
+            return event
+
+    def events(self, *, after: int = 0, limit: int | None = None) -> list[AuditEvent]:
+        return list(self.iter_events(after=after, limit=limit))
+
+    def iter_events(self, *, after: int = 0, limit: int | None = None) -> Iterator[AuditEvent]:
+        sql = "SELECT seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq"
+        params: tuple[int, ...] = (after,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (after, limit)
+        for row in self._db.execute(sql, params):
+            yield row_to_event(row)
+
+    # --- warrant requests ----------------------------------------------------------------------
+
+    def find_open_request(self, agent: str, fingerprint: str, now: float) -> StoredRequest | None:
+        """A pending (or approved, still usable) request for the same agent and request."""
+        rows = self._db.execute(
+            "SELECT * FROM warrant_requests WHERE agent = ? AND fingerprint = ? AND status IN ('pending', 'approved')"
+            " ORDER BY created_at DESC",
+            (agent, fingerprint),
+        ).fetchall()
+        for row in rows:
+            stored = _row_to_request(row)
+            status = stored.state.effective_status(now)
+            if status is RequestStatus.PENDING:
+                return stored
+            if status is RequestStatus.APPROVED and stored.warrant_id and self._warrant_usable(stored, now):
+                return stored
+        return None
+
+    def _warrant_usable(self, stored: StoredRequest, now: float) -> bool:
+        if stored.warrant_expires_at is not None and now >= stored.warrant_expires_at:
+            return False
+        row = self._db.execute(
+            "SELECT uses, max_uses FROM warrant_uses WHERE jti = ?", (stored.warrant_id,)
+        ).fetchone()
+        return row is None or row[0] < row[1]
+
+    def get_request(self, request_id: str) -> StoredRequest | None:
+        row = self._db.execute("SELECT * FROM warrant_requests WHERE id = ?", (request_id,)).fetchone()
+        return _row_to_request(row) if row else None
+
+    def list_requests(self, status: str | None, now: float, limit: int = 500) -> list[StoredRequest]:
+        rows = self._db.execute(
+            "SELECT * FROM warrant_requests ORDER BY created_at DESC LIMIT ?", (limit,)
+        ).fetchall()
+        found = [_row_to_request(row) for row in rows]
+        if status is None:
+            return found
+        return [item for item in found if item.state.effective_status(now).value == status]
+
+    def count_pending(self, now: float) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM warrant_requests WHERE status = 'pending' AND expires_at > ?", (now,)
+        ).fetchone()
+        return int(row[0])
+
+    def save_request(self, stored: StoredRequest) -> None:
+        state = stored.state
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO warrant_requests (id, agent, fingerprint, tier, intent, request, rule_id,"
+                    " status, created_at, expires_at, votes, warrant, warrant_id, warrant_expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        state.id,
+                        state.agent,
+                        stored.fingerprint,
+                        state.tier.value,
+                        json.dumps(state.intent.as_dict()),
+                        json.dumps(dict(stored.request)),
+                        stored.rule_id,
+                        state.status.value,
+                        state.created_at,
+                        state.expires_at,
+                        json.dumps([_vote_to_dict(v) for v in state.votes]),
+                        stored.warrant,
+                        stored.warrant_id,
+                        stored.warrant_expires_at,
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"warrant request store cannot write: {exc}") from exc
+
+    # --- single use ----------------------------------------------------------------------------
+
+    def consume_warrant(self, jti: str, max_uses: int, now: float) -> bool:
+        """Atomically count one use of warrant `jti`; False when it is already used up (a replay)."""
+        try:
+            with self._lock:
+                cursor = self._db.execute(
+                    "INSERT INTO warrant_uses (jti, uses, max_uses, first_used_at) VALUES (?, 1, ?, ?)"
+                    " ON CONFLICT(jti) DO UPDATE SET uses = uses + 1 WHERE uses < max_uses",
+                    (jti, max_uses, now),
+                )
+                return cursor.rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"warrant store cannot write: {exc}") from exc
+
+    def warrant_uses(self, jti: str) -> int:
+        row = self._db.execute("SELECT uses FROM warrant_uses WHERE jti = ?", (jti,)).fetchone()
+        return int(row[0]) if row else 0
+
+
+def row_to_event(row: tuple[Any, ...]) -> AuditEvent:
+    seq, ts, type_, agent, revision, payload, prev_hash, hash_ = row
+    return AuditEvent(
+        seq=int(seq),
+        ts=float(ts),
+        type=str(type_),
+        agent=str(agent),
+        policy_revision=str(revision),
+        payload=json.loads(payload),
+        prev_hash=str(prev_hash),
+        hash=str(hash_),
+    )
+
+
+def read_events(path: Path) -> Iterator[AuditEvent]:
+    """Read a (possibly copied) audit database without writing to it."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for row in db.execute(
+            "SELECT seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit ORDER BY seq"
+        ):
+            yield row_to_event(row)
+    finally:
+        db.close()
+
+
+def _vote_to_dict(vote: Vote) -> dict[str, object]:
+    return {
+        "operator": vote.operator,
+        "approve": vote.approve,
+        "justification": vote.justification,
+        "at": vote.at,
+    }
+
+
+def _row_to_request(row: tuple[Any, ...]) -> StoredRequest:
+    (
+        id_,
+        agent,
+        fingerprint,
+        tier,
+        intent,
+        request,
+        rule_id,
+        status,
+        created_at,
+        expires_at,
+        votes,
+        warrant,
+        warrant_id,
+        warrant_expires_at,
+    ) = row
+    intent_data = json.loads(intent)
+    state = WarrantRequest(
+        id=id_,
+        agent=agent,
+        tier=Tier.parse(tier),
+        intent=Intent(
+            action=intent_data["action"], target=intent_data["target"], rule=intent_data.get("rule")
+        ),
+        status=RequestStatus(status),
+        created_at=created_at,
+        expires_at=expires_at,
+        votes=tuple(
+            Vote(operator=v["operator"], approve=v["approve"], justification=v["justification"], at=v["at"])
+            for v in json.loads(votes)
+        ),
+    )
+    return StoredRequest(
+        state=state,
+        fingerprint=fingerprint,
+        request=json.loads(request),
+        rule_id=rule_id,
+        warrant=warrant,
+        warrant_id=warrant_id,
+        warrant_expires_at=warrant_expires_at,
+    )
+
+
+def with_state(stored: StoredRequest, state: WarrantRequest) -> StoredRequest:
+    return replace(stored, state=state)

@@ -1,0 +1,240 @@
+"""Warrant requests: opened by passbacks, voted on by operators, turned into minted warrants on quorum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from policy import approvals
+from policy.approvals import RequestStatus, WarrantRequest
+from policy.model import Decision, Intent, Request, Tier
+from policy.rules import RuleSet
+from policy.warrants import Approval, Bind, Constraints, WarrantClaims, WarrantKeys, constraints_for, mint
+from proxy.audit_log import Recorder
+from proxy.metrics import Metrics
+from proxy.store import Store, StoredRequest, with_state
+
+DEFAULT_TTL = {Tier.T2: 15 * 60, Tier.T3: 5 * 60}
+ISSUER = "vienna"
+
+
+def request_fingerprint(agent: str, canonical: Mapping[str, Any]) -> str:
+    text = json.dumps({"agent": agent, **canonical}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical_request(request: Request) -> dict[str, Any]:
+    return {
+        "method": request.method,
+        "scheme": request.scheme,
+        "host": request.host,
+        "port": request.port,
+        "path": request.path,
+        "query": request.query,
+        "body_sha256": request.body_sha256,
+        "url": request.url,
+    }
+
+
+class WarrantRequests:
+    def __init__(
+        self,
+        store: Store,
+        recorder: Recorder,
+        metrics: Metrics,
+        *,
+        keys: WarrantKeys,
+        rules: Callable[[], RuleSet],
+        api_base_url: str,
+        pending_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.metrics = metrics
+        self.keys = keys
+        self._rules = rules
+        self.api_base_url = api_base_url
+        self.pending_ttl = pending_ttl
+        self.clock = clock
+
+    def url(self, request_id: str) -> str:
+        return f"{self.api_base_url}/v1/warrant-requests/{request_id}"
+
+    def open(self, *, agent: str, decision: Decision, canonical: Mapping[str, Any]) -> StoredRequest:
+        """The pending request for this agent and this exact request: reused, or created and audited."""
+        now = self.clock()
+        fingerprint = request_fingerprint(agent, canonical)
+        existing = self.store.find_open_request(agent, fingerprint, now)
+        if existing is not None:
+            return existing
+        state = WarrantRequest(
+            id="wr_" + secrets.token_urlsafe(16),
+            agent=agent,
+            tier=decision.tier,
+            intent=decision.intent,
+            status=RequestStatus.PENDING,
+            created_at=now,
+            expires_at=now + self.pending_ttl,
+        )
+        stored = StoredRequest(
+            state=state, fingerprint=fingerprint, request=dict(canonical), rule_id=decision.rule_id
+        )
+        self.store.save_request(stored)
+        self.recorder.record(
+            "warrant_request",
+            agent=agent,
+            policy_revision=decision.policy_revision,
+            payload={
+                "warrant_request_id": state.id,
+                "tier": state.tier.value,
+                "intent": state.intent.as_dict(),
+                "request": dict(canonical),
+                "approvals_required": state.approvals_required,
+                "expires_at": state.expires_at,
+            },
+        )
+        self.refresh_pending()
+        return stored
+
+    def refresh_pending(self) -> None:
+        self.metrics.warrant_requests_pending.set(self.store.count_pending(self.clock()))
+
+    def vote(self, request_id: str, *, operator: str, approve: bool, justification: str) -> StoredRequest:
+        """Cast one vote; raises KeyError (unknown id) or approvals.ApprovalError."""
+        stored = self.store.get_request(request_id)
+        if stored is None:
+            raise KeyError(request_id)
+        now = self.clock()
+        state = approvals.cast_vote(
+            stored.state, operator=operator, approve=approve, justification=justification, now=now
+        )
+        updated = with_state(stored, state)
+        decision = "approve" if approve else "deny"
+        self.metrics.approvals.labels(decision=decision).inc()
+        revision = self._rules().revision
+        self.recorder.record(
+            "approval",
+            agent=state.agent,
+            policy_revision=revision,
+            payload={
+                "warrant_request_id": state.id,
+                "operator": operator,
+                "decision": decision,
+                "justification": justification,
+                "approvals": state.approvals,
+                "approvals_required": state.approvals_required,
+                "status": state.status.value,
+            },
+        )
+        if state.status is RequestStatus.APPROVED:
+            updated = self._issue(updated, now, revision)
+        self.store.save_request(updated)
+        self.refresh_pending()
+        return updated
+
+    def _issue(self, stored: StoredRequest, now: float, revision: str) -> StoredRequest:
+        state = stored.state
+        rule = next((r for r in self._rules().rules if r.id == stored.rule_id), None)
+        ttl = DEFAULT_TTL.get(state.tier, 5 * 60)
+        max_uses, bind = 1, Bind.EXACT
+        if rule is not None:
+            if rule.warrant.ttl_seconds is not None:
+                ttl = min(ttl, rule.warrant.ttl_seconds)
+            max_uses, bind = rule.warrant.max_uses, Bind(rule.warrant.bind)
+        request = stored.request
+        exact = bind is Bind.EXACT
+        constraints = Constraints(
+            method=str(request["method"]),
+            scheme=str(request["scheme"]),
+            host=str(request["host"]),
+            port=int(request["port"]),
+            path=None if bind is Bind.HOST else str(request["path"]),
+            path_prefix=None,
+            query=str(request["query"]) if exact else None,
+            body_sha256=str(request["body_sha256"]) if exact else None,
+            max_uses=max_uses,
+        )
+        issued = int(now)
+        claims = WarrantClaims(
+            iss=ISSUER,
+            sub=state.agent,
+            jti="wt_" + secrets.token_urlsafe(16),
+            iat=issued,
+            nbf=issued,
+            exp=issued + ttl,
+            tier=state.tier,
+            intent=state.intent,
+            approvals=tuple(
+                Approval(who=v.operator, at=v.at, justification=v.justification)
+                for v in state.votes
+                if v.approve
+            ),
+            con=constraints,
+            wrq=state.id,
+        )
+        token = mint(claims, self.keys)
+        self.recorder.record(
+            "warrant",
+            agent=state.agent,
+            policy_revision=revision,
+            payload={
+                "warrant_id": claims.jti,
+                "warrant_request_id": state.id,
+                "tier": state.tier.value,
+                "intent": state.intent.as_dict(),
+                "constraints": constraints.as_claim(),
+                "approvals": [a.who for a in claims.approvals],
+                "exp": claims.exp,
+                "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+            },
+        )
+        return StoredRequest(
+            state=state,
+            fingerprint=stored.fingerprint,
+            request=stored.request,
+            rule_id=stored.rule_id,
+            warrant=token,
+            warrant_id=claims.jti,
+            warrant_expires_at=float(claims.exp),
+        )
+
+    def view(self, stored: StoredRequest, *, include_warrant: bool) -> dict[str, Any]:
+        now = self.clock()
+        body: dict[str, Any] = approvals.as_dict(stored.state, now)
+        body["url"] = self.url(stored.state.id)
+        body["request"] = dict(stored.request)
+        body["rule"] = stored.rule_id
+        if stored.warrant_id is not None:
+            body["warrant_id"] = stored.warrant_id
+            body["warrant_expires_at"] = stored.warrant_expires_at
+            body["warrant_uses"] = self.store.warrant_uses(stored.warrant_id)
+        if include_warrant and stored.warrant is not None and body["status"] == RequestStatus.APPROVED.value:
+            body["warrant"] = stored.warrant
+        return body
+
+    def summary(self, stored: StoredRequest) -> dict[str, Any]:
+        """The `warrant_request` object of a passback body."""
+        state = stored.state
+        return {
+            "id": state.id,
+            "status": state.effective_status(self.clock()).value,
+            "approvals_required": state.approvals_required,
+            "approvals": state.approvals,
+            "url": self.url(state.id),
+            "expires_at": state.expires_at,
+        }
+
+
+def constraints_preview(request: Request, decision: Decision, rules: RuleSet) -> dict[str, object]:
+    rule = next((r for r in rules.rules if r.id == decision.rule_id), None)
+    bind = Bind(rule.warrant.bind) if rule is not None else Bind.EXACT
+    max_uses = rule.warrant.max_uses if rule is not None else 1
+    return constraints_for(request, bind=bind, max_uses=max_uses).as_claim()
+
+
+__all__ = ["WarrantRequests", "canonical_request", "constraints_preview", "Intent"]

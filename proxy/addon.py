@@ -479,7 +479,9 @@ class EnforcementAddon:
                 },
             )
         except StoreUnavailable:
-            pass  # refusing anyway; nothing was forwarded
+            log.error(
+                "audit store unavailable while refusing early"
+            )  # refusing anyway; nothing was forwarded
         self.sidecar.metrics.requests.labels(tier="deny", decision=refusal.error, action="unknown").inc()
         return plain_error(
             refusal.status, refusal.error, refusal.code, refusal.reason, decision_id=decision_id

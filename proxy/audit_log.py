@@ -42,12 +42,10 @@ class Recorder:
         self, type: str, *, agent: str, policy_revision: str, payload: Mapping[str, object]
     ) -> AuditEvent:
         """Commit one event (raises StoreUnavailable when it cannot be) and publish it."""
+        cleaned = redact(dict(payload))
+        assert isinstance(cleaned, dict)  # redact keeps a mapping a mapping
         event = self.store.append(
-            type=type,
-            agent=agent,
-            policy_revision=policy_revision,
-            payload=redact(dict(payload)),
-            ts=self._clock(),  # type: ignore[arg-type]
+            type=type, agent=agent, policy_revision=policy_revision, payload=cleaned, ts=self._clock()
         )
         self.metrics.audit_events.labels(type=type).inc()
         if self._stdout is not None:

@@ -271,9 +271,11 @@ def _call(
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise urllib.error.URLError(f"{url}: only http and https API URLs are supported")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 -- scheme checked above
     try:
-        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310 -- operator-given API URL
+        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310 -- scheme checked above
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:

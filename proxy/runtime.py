@@ -294,12 +294,12 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-async def _drain(sidecar: Sidecar, master: Master, timeout: float = 10.0) -> None:
+async def _drain(sidecar: Sidecar, master: Master, grace: float = 10.0) -> None:
     proxy_server = master.addons.get("proxyserver")
     with contextlib.suppress(Exception):
         # stop listening: setting no modes closes the listeners but keeps live connections
         await proxy_server.servers.update([])
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if sidecar.inflight == 0:
             break

@@ -237,4 +237,4 @@ def constraints_preview(request: Request, decision: Decision, rules: RuleSet) ->
     return constraints_for(request, bind=bind, max_uses=max_uses).as_claim()
 
 
-__all__ = ["WarrantRequests", "canonical_request", "constraints_preview", "Intent"]
+__all__ = ["Intent", "WarrantRequests", "canonical_request", "constraints_preview"]

@@ -13,6 +13,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
+from policy.addresses import parse_ip
 from policy.model import Tier
 from policy.normalize import AmbiguousRequest, normalize_host, normalize_method
 from policy.templates import PathTemplate, TemplateError, check_target, compile_path
@@ -30,6 +31,9 @@ _DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h)$")
 _RATE = re.compile(r"^([1-9][0-9]{0,6})/(s|m|h)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 _BINDS = ("exact", "path", "host")
+# CEL macros bind an iteration variable (`request.headers.exists(h, ...)`) that the binding's
+# variables() lists alongside the free ones; those names are not unknown.
+_CEL_MACRO_VARIABLE = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +71,7 @@ class HostPattern:
             return False
         if not self.wildcard:
             return not other.wildcard and self.host == other.host
-        return other.host.endswith("." + self.host)
+        return (other.wildcard and other.host == self.host) or other.host.endswith("." + self.host)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +185,9 @@ def parse_host_pattern(text: str) -> HostPattern:
         raise ValueError(f"{text!r}: {exc.reason}") from None
     if wildcard and "." not in canonical:
         raise ValueError(f"{text!r}: a wildcard needs at least two labels after '*.'")
+    if wildcard and parse_ip(canonical) is not None:
+        # `*.0.0.1` would be read as the wildcard `*.0.0.0.1` and silently match nothing.
+        raise ValueError(f"{text!r}: a wildcard cannot cover IP addresses")
     return HostPattern(host=canonical, port=port, wildcard=wildcard)
 
 
@@ -320,7 +327,7 @@ def _parse_match(
         if key not in _MATCH_KEYS:
             issues.add(_key_line(raw, key, line), f"{where}.match.{key}", "unknown field")
 
-    def items(key: str) -> list[tuple[int, Any]] | None:
+    def items(key: str) -> list[tuple[int, int, str]] | None:
         value = raw.get(key)
         if value is None:
             return None
@@ -328,21 +335,28 @@ def _parse_match(
         if not isinstance(value, CommentedSeq) or not value:
             issues.add(key_line, f"{where}.match.{key}", "must be a non-empty list")
             return None
-        return [(_item_line(value, i, key_line), item) for i, item in enumerate(value)]
+        strings: list[tuple[int, int, str]] = []
+        for i, item in enumerate(value):
+            item_line = _item_line(value, i, key_line)
+            if isinstance(item, str):
+                strings.append((i, item_line, item))
+            else:
+                # YAML reads `1.10` as the number 1.1: a host written that way would silently change.
+                issues.add(item_line, f"{where}.match.{key}[{i}]", f"{item!r} must be a string (quote it)")
+        return strings
 
     hosts: list[HostPattern] | None = None
     if (host_items := items("hosts")) is not None:
         hosts = []
-        for i, (item_line, item) in enumerate(host_items):
+        for i, item_line, item in host_items:
             try:
-                hosts.append(parse_host_pattern(str(item)))
+                hosts.append(parse_host_pattern(item))
             except ValueError as exc:
                 issues.add(item_line, f"{where}.match.hosts[{i}]", str(exc))
     methods: set[str] | None = None
     if (method_items := items("methods")) is not None:
         methods = set()
-        for i, (item_line, item) in enumerate(method_items):
-            text = str(item)
+        for i, item_line, text in method_items:
             try:
                 if normalize_method(text) != text:
                     raise AmbiguousRequest("request.bad_method", "")
@@ -354,9 +368,9 @@ def _parse_match(
     paths: list[PathTemplate] | None = None
     if (path_items := items("paths")) is not None:
         paths = []
-        for i, (item_line, item) in enumerate(path_items):
+        for i, item_line, item in path_items:
             try:
-                paths.append(compile_path(str(item)))
+                paths.append(compile_path(item))
             except TemplateError as exc:
                 issues.add(item_line, f"{where}.match.paths[{i}]", str(exc))
     return (
@@ -378,7 +392,8 @@ def _parse_when(raw: Any, where: str, line: int, issues: _Collector) -> tuple[st
         first = str(exc).splitlines()[0]
         issues.add(line, f"{where}.when", f"invalid CEL: {first}")
         return None, None
-    unknown = {str(v).split(".")[0] for v in program.variables()} - {"request", "agent"}
+    bound = set(_CEL_MACRO_VARIABLE.findall(raw))
+    unknown = {str(v).split(".")[0] for v in program.variables()} - {"request", "agent"} - bound
     if unknown:
         issues.add(
             line, f"{where}.when", f"unknown variable(s) {', '.join(sorted(unknown))}; use request or agent"
@@ -467,7 +482,12 @@ def lint(rules: list[Rule] | tuple[Rule, ...], file: str = "policy.yaml") -> lis
     """Duplicate ids and rules that an earlier rule (without `when`) always matches first."""
     warnings: list[PolicyIssue] = []
     seen: dict[str, Rule] = {}
-    for rule in rules:
+    # Only rules that could cover a rule's first host pattern are compared with it: comparing every
+    # pair made loading a 10,000-rule policy take minutes.
+    exact: dict[str, list[int]] = {}
+    wildcard: dict[str, list[int]] = {}
+    any_host: list[int] = []
+    for position, rule in enumerate(rules):
         where = f"rules[{rule.index}]"
         if rule.id in seen:
             first = seen[rule.id]
@@ -478,7 +498,8 @@ def lint(rules: list[Rule] | tuple[Rule, ...], file: str = "policy.yaml") -> lis
             )
         else:
             seen[rule.id] = rule
-        for earlier in rules[: rules.index(rule)]:
+        for earlier_position in _possible_covers(rule, exact, wildcard, any_host):
+            earlier = rules[earlier_position]
             if earlier.when is None and _covers(earlier, rule):
                 warnings.append(
                     PolicyIssue(
@@ -489,7 +510,30 @@ def lint(rules: list[Rule] | tuple[Rule, ...], file: str = "policy.yaml") -> lis
                     )
                 )
                 break
+        if rule.hosts is None:
+            any_host.append(position)
+        for pattern in rule.hosts or ():
+            (wildcard if pattern.wildcard else exact).setdefault(pattern.host, []).append(position)
     return warnings
+
+
+def _possible_covers(
+    rule: Rule, exact: Mapping[str, list[int]], wildcard: Mapping[str, list[int]], any_host: list[int]
+) -> list[int]:
+    """Positions of earlier rules that might cover `rule`, in document order: a cover of a rule
+    covers its first host pattern, and only these patterns can."""
+    positions = list(any_host)
+    if rule.hosts is not None:
+        first = rule.hosts[0]
+        if first.wildcard:
+            positions += wildcard.get(first.host, ())
+        else:
+            positions += exact.get(first.host, ())
+        suffix = first.host
+        while (dot := suffix.find(".")) >= 0:
+            suffix = suffix[dot + 1 :]
+            positions += wildcard.get(suffix, ())
+    return sorted(set(positions))
 
 
 def _covers(earlier: Rule, later: Rule) -> bool:

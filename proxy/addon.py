@@ -162,21 +162,11 @@ class EnforcementAddon:
                 decision_id=decision_id,
             )
             return
+        unresolved: _Refusal | None = None
         try:
-            address = await self._resolve(request)
+            request = _with_address(request, await self._resolve(request))
         except _Refusal as refusal:
-            flow.response = json_response(
-                refusal.status,
-                {
-                    "error": refusal.error,
-                    "reason": refusal.reason,
-                    "reason_code": refusal.code,
-                    "decision_id": decision_id,
-                },
-                decision_id=decision_id,
-            )
-            return
-        request = _with_address(request, address)
+            unresolved = refusal  # decided without an address; refused below only if it would forward
 
         # decide
         decision = engine.decide(
@@ -196,6 +186,15 @@ class EnforcementAddon:
             sidecar.metrics.warrant_checks.labels(result=result).inc()
 
         # act
+        if unresolved is not None and (decision.forwards or sidecar.settings.dryrun):
+            self._record_decision(
+                flow, request, decision, decision_id, forwarded=False, label="upstream_error"
+            )
+            self._observe(decision, started, "upstream_error")
+            body = deny_body(decision, error=unresolved.error, decision_id=decision_id)
+            body.update(reason=unresolved.reason, reason_code=unresolved.code)
+            flow.response = json_response(unresolved.status, body, decision_id=decision_id)
+            return
         status, label, extra_headers, warrant_request = 200, decision.verdict.value, {}, None
         if decision.verdict is Verdict.ALLOW and decision.warrant_id is not None:
             if not sidecar.store.consume_warrant(
@@ -342,9 +341,7 @@ class EnforcementAddon:
             raise _Refusal(
                 502, "upstream_error", "upstream.dns", f"cannot resolve {request.host}: {exc}"
             ) from None
-        address = destinations.choose(addresses)
-        destinations.pin(request.host, request.port, address)
-        return address
+        return destinations.choose(addresses)
 
     def _rate_limited(self, decision: Decision) -> float:
         rule = self.sidecar.rule_by_id(decision.rule_id)

@@ -1,4 +1,4 @@
-"""Upstream forwarding: resolve and pin the checked address, send the normalised request, relay the answer."""
+"""Upstream forwarding: a small keep-alive HTTP/1.1 client that connects only to the checked address."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import asyncio
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import certifi
-from aiohttp.abc import AbstractResolver, ResolveResult
 from cachetools import TTLCache
-from multidict import CIMultiDict
-from yarl import URL
 
 from policy.addresses import is_internal, parse_ip
 from policy.model import Request
@@ -34,7 +30,12 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "vienna-warrant"}
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "vienna-warrant", "expect"}
+_MAX_HEAD = 64 * 1024
+_MAX_IDLE_PER_KEY = 32
+_IDLE_SECONDS = 30.0
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class UpstreamError(Exception):
@@ -57,15 +58,10 @@ class Relayed:
 
 
 class DestinationResolver:
-    """Resolves names once, caches briefly, and remembers which address was checked for each name.
-
-    The connection is made to the remembered address (no second lookup), so a DNS answer that
-    changes between the check and the connection (rebinding) cannot redirect it.
-    """
+    """Resolves names once and caches briefly; the caller checks the chosen address and connects to it."""
 
     def __init__(self, *, ttl: float = 30.0) -> None:
         self._cache: TTLCache[tuple[str, int], tuple[str, ...]] = TTLCache(maxsize=4096, ttl=ttl)
-        self.pinned: dict[tuple[str, int], str] = {}
 
     async def lookup(self, host: str, port: int) -> tuple[str, ...]:
         if parse_ip(host) is not None:
@@ -90,36 +86,6 @@ class DestinationResolver:
                 return address
         return listed[0]
 
-    def pin(self, host: str, port: int, address: str) -> None:
-        self.pinned[(host, port)] = address
-
-
-class _PinnedResolver(AbstractResolver):
-    def __init__(self, destinations: DestinationResolver) -> None:
-        self._destinations = destinations
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        address = self._destinations.pinned.get((host, port))
-        if address is None:
-            # Never look the name up again here: only a checked address may be used.
-            raise OSError(f"no checked address for {host}:{port}")
-        ip_family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        return [
-            {
-                "hostname": host,
-                "host": address,
-                "port": port,
-                "family": ip_family,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-        ]
-
-    async def close(self) -> None:
-        return None
-
 
 def upstream_ssl_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certifi.where())
@@ -129,7 +95,29 @@ def upstream_ssl_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+@dataclass(slots=True)
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    idle_since: float = 0.0
+
+    def usable(self, now: float) -> bool:
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and now - self.idle_since < _IDLE_SECONDS
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_PoolKey = tuple[str, str, int, str]  # scheme, address, port, server name
+
+
 class Forwarder:
+    """Sends one normalised request to `request.address` (never looked up again) and reads the answer."""
+
     def __init__(
         self,
         destinations: DestinationResolver,
@@ -144,100 +132,169 @@ class Forwarder:
         self._connect_timeout = connect_timeout
         self._response_timeout = response_timeout
         self._max_response = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                resolver=_PinnedResolver(self.destinations),
-                ssl=self._ssl,
-                limit=0,
-                limit_per_host=0,
-                use_dns_cache=False,
-                keepalive_timeout=30,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            )
-        return self._session
+        self._idle: dict[_PoolKey, deque[_Connection]] = {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
 
     async def send(self, request: Request, headers: Iterable[tuple[str, str]]) -> Relayed:
-        url = URL.build(
-            scheme=request.scheme,
-            host=request.host,
-            port=request.port,
-            path=request.path,
-            query_string=request.query,
-            encoded=True,
-        )
-        outgoing = forwarded_headers(headers)
-        outgoing.append(("Host", request.authority))
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self._connect_timeout,
-            connect=self._connect_timeout,
-            sock_read=self._response_timeout,
-        )
+        if request.address is None:
+            raise UpstreamError(502, "upstream.unresolved", f"no checked address for {request.host}")
+        key: _PoolKey = (request.scheme, request.address, request.port, request.host)
+        head = _request_head(request, headers)
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {}
-        if request.body or request.method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            kwargs["data"] = request.body
-        try:
-            async with asyncio.timeout(self._response_timeout + self._connect_timeout):
-                async with self._client().request(
-                    request.method,
-                    url,
-                    headers=CIMultiDict(outgoing),
-                    allow_redirects=False,
-                    timeout=timeout,
-                    compress=None,
-                    chunked=None,
-                    **kwargs,
-                ) as response:
-                    body = await self._read_body(response)
-                    relayed_headers = [
-                        (k.decode("latin-1"), v.decode("latin-1"))
-                        for k, v in response.raw_headers
-                        if k.decode("latin-1").lower() not in HOP_BY_HOP
-                    ]
-                    return Relayed(
-                        status=response.status,
-                        reason=response.reason or "",
-                        headers=relayed_headers,
-                        body=body,
-                        seconds=time.perf_counter() - started,
+        for attempt in (1, 2):
+            connection, reused = await self._acquire(key)
+            try:
+                async with asyncio.timeout(self._response_timeout):
+                    connection.writer.write(head + request.body if request.body else head)
+                    status, reason, response_headers, body, keep = await self._read_response(
+                        connection, request
                     )
-        except TimeoutError as exc:
-            raise UpstreamError(
-                504, "upstream.timeout", f"upstream {request.authority} did not answer in time"
-            ) from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise UpstreamError(
-                504, "upstream.timeout", f"upstream {request.authority} did not answer in time"
-            ) from exc
-        except aiohttp.ClientSSLError as exc:
-            raise UpstreamError(502, "upstream.tls", f"TLS with {request.authority} failed: {exc}") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                502, "upstream.unreachable", f"cannot connect to {request.authority}: {exc.strerror or exc}"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                502, "upstream.error", f"upstream {request.authority} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            except TimeoutError:
+                connection.close()
+                raise UpstreamError(
+                    504,
+                    "upstream.timeout",
+                    f"upstream {request.authority} did not answer in {self._response_timeout:g}s",
+                ) from None
+            except UpstreamError:
+                connection.close()
+                raise
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                connection.close()
+                # A kept-alive connection the server closed meanwhile: retry once, but only when
+                # repeating the request cannot repeat a side effect.
+                if reused and attempt == 1 and request.method in _RETRYABLE:
+                    continue
+                raise UpstreamError(
+                    502, "upstream.error", f"upstream {request.authority} failed: {type(exc).__name__}: {exc}"
+                ) from None
+            if keep:
+                self._release(key, connection)
+            else:
+                connection.close()
+            return Relayed(status, reason, response_headers, body, time.perf_counter() - started)
+        raise UpstreamError(502, "upstream.error", f"upstream {request.authority} failed")  # pragma: no cover
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def _acquire(self, key: _PoolKey) -> tuple[_Connection, bool]:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.usable(now):
+                return connection, True
+            connection.close()
+        scheme, address, port, server_name = key
+        tls = scheme == "https"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    address,
+                    port,
+                    ssl=self._ssl if tls else None,
+                    server_hostname=server_name if tls else None,
+                    limit=_MAX_HEAD,
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                504, "upstream.connect_timeout", f"connecting to {server_name}:{port} timed out"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamError(
+                502, "upstream.tls", f"TLS with {server_name}:{port} failed: {exc.reason or exc}"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError(
+                502, "upstream.unreachable", f"cannot connect to {server_name}:{port}: {exc.strerror or exc}"
+            ) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Connection(reader, writer), False
+
+    def _release(self, key: _PoolKey, connection: _Connection) -> None:
+        idle = self._idle.setdefault(key, deque())
+        if len(idle) >= _MAX_IDLE_PER_KEY:
+            connection.close()
+            return
+        connection.idle_since = time.monotonic()
+        idle.append(connection)
+
+    async def _read_response(
+        self, connection: _Connection, request: Request
+    ) -> tuple[int, str, list[tuple[str, str]], bytes, bool]:
+        reader = connection.reader
+        while True:
+            raw = await reader.readuntil(b"\r\n\r\n")
+            version, status, reason, headers = _parse_head(raw)
+            if not 100 <= status < 200 or status == 101:
+                break
+        if status == 101:
+            raise UpstreamError(
+                502, "upstream.upgrade", "the upstream switched protocols; upgrades are not relayed"
+            )
+        lowered = [(k.lower(), v) for k, v in headers]
+        connection_tokens = {t.strip().lower() for k, v in lowered if k == "connection" for t in v.split(",")}
+        keep = (version == "HTTP/1.1" and "close" not in connection_tokens) or (
+            version == "HTTP/1.0" and "keep-alive" in connection_tokens
+        )
+        codings = [t.strip().lower() for k, v in lowered if k == "transfer-encoding" for t in v.split(",")]
+        lengths = {v.strip() for k, v in lowered if k == "content-length"}
+        if request.method == "HEAD" or status in (204, 304):
+            body = b""
+        elif codings:
+            if codings[-1] != "chunked":
+                body, keep = await self._read_to_eof(reader), False
+            else:
+                body = await self._read_chunked(reader)
+        elif lengths:
+            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+                raise UpstreamError(
+                    502, "upstream.bad_response", "the upstream sent conflicting Content-Length"
+                )
+            length = int(next(iter(lengths)))
+            if length > self._max_response:
+                raise UpstreamError(
+                    502, "upstream.too_large", f"upstream response exceeds {self._max_response} bytes"
+                )
+            body = await reader.readexactly(length)
+        else:
+            body, keep = await self._read_to_eof(reader), False
+        relayed = [
+            (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in connection_tokens
+        ]
+        return status, reason, relayed, body, keep
+
+    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_chunked(65536):
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            text = line[:-2].split(b";", 1)[0].strip()
+            if not text or any(c not in b"0123456789abcdefABCDEF" for c in text) or len(text) > 16:
+                raise UpstreamError(502, "upstream.bad_response", "the upstream sent a malformed chunk size")
+            chunk_size = int(text, 16)
+            if chunk_size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers are dropped
+                    pass
+                return b"".join(chunks)
+            size += chunk_size
+            if size > self._max_response:
+                raise UpstreamError(
+                    502, "upstream.too_large", f"upstream response exceeds {self._max_response} bytes"
+                )
+            chunks.append(await reader.readexactly(chunk_size))
+            if await reader.readexactly(2) != b"\r\n":
+                raise UpstreamError(502, "upstream.bad_response", "the upstream sent a malformed chunk")
+
+    async def _read_to_eof(self, reader: asyncio.StreamReader) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await reader.read(65536):
             size += len(chunk)
             if size > self._max_response:
                 raise UpstreamError(
@@ -245,6 +302,32 @@ class Forwarder:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _parse_head(raw: bytes) -> tuple[str, int, str, list[tuple[str, str]]]:
+    lines = raw[:-4].decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise UpstreamError(
+            502, "upstream.bad_response", f"the upstream sent a malformed status line {lines[0][:80]!r}"
+        )
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise UpstreamError(502, "upstream.bad_response", "the upstream sent a malformed header line")
+        headers.append((name, value.strip(" \t")))
+    return version, int(code), reason, headers
+
+
+def _request_head(request: Request, headers: Iterable[tuple[str, str]]) -> bytes:
+    target = request.path + (f"?{request.query}" if request.query else "")
+    lines = [f"{request.method} {target} HTTP/1.1", f"Host: {request.authority}"]
+    lines.extend(f"{k}: {v}" for k, v in forwarded_headers(headers))
+    if request.body or request.method not in _BODYLESS_METHODS:
+        lines.append(f"Content-Length: {len(request.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def forwarded_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -1,0 +1,262 @@
+"""Throughput and latency, in one run: direct vs bare mitmproxy vs the sidecar (T0 rule, keep-alive).
+
+usage: python bench/proxy.py [--seconds 8] [--connections 8]
+
+Starts a loopback upstream (aiohttp), a bare mitmproxy (only the addons a working proxy needs)
+and `vienna run` with a T0 policy, then drives each with the same keep-alive asyncio client:
+requests/s at N connections, p50/p99 latency at 1 connection, and the proxy process's CPU time
+per request (from /proc). Prints a markdown table. Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POLICY = """\
+version: 1
+default_tier: T3
+rules:
+  - id: bench-read
+    match: {hosts: ["127.0.0.1"], methods: [GET]}
+    action: bench.read
+    tier: T0
+"""
+BARE_MITMPROXY = """\
+import asyncio, gc, sys
+from mitmproxy import options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+async def main() -> None:
+    opts = options.Options(listen_host="127.0.0.1", listen_port=int(sys.argv[1]), confdir=sys.argv[2])
+    master = Master(opts, event_loop=asyncio.get_running_loop())
+    master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+                      tlsconfig.TlsConfig(), errorcheck.ErrorCheck())
+    master.options.update(connection_strategy="lazy")
+    gc.collect(); gc.freeze()
+    await master.run()
+
+asyncio.run(main())
+"""
+UPSTREAM = """\
+import sys
+from aiohttp import web
+
+async def ok(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"ok":true}', content_type="application/json")
+
+app = web.Application()
+app.router.add_get("/{tail:.*}", ok)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_request: float | None
+
+
+async def _one_connection(
+    host: str, port: int, request: bytes, deadline: float, latencies: list[float] | None
+) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    done = 0
+    try:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            if length:
+                await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.split(b"\r\n")[0].decode())
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
+            done += 1
+    finally:
+        writer.close()
+    return done
+
+
+async def drive(port: int, upstream_port: int, *, via_proxy: bool, connections: int, seconds: float) -> int:
+    target = f"http://127.0.0.1:{upstream_port}/bench" if via_proxy else "/bench"
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n\r\n".encode()
+    deadline = time.perf_counter() + seconds
+    counts = await asyncio.gather(
+        *(_one_connection("127.0.0.1", port, request, deadline, None) for _ in range(connections))
+    )
+    return sum(counts)
+
+
+async def latency(port: int, upstream_port: int, *, via_proxy: bool, seconds: float) -> list[float]:
+    target = f"http://127.0.0.1:{upstream_port}/bench" if via_proxy else "/bench"
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n\r\n".encode()
+    samples: list[float] = []
+    await _one_connection("127.0.0.1", port, request, time.perf_counter() + seconds, samples)
+    return samples
+
+
+def measure(
+    name: str,
+    port: int,
+    upstream_port: int,
+    pid: int | None,
+    *,
+    via_proxy: bool,
+    connections: int,
+    seconds: float,
+) -> Result:
+    asyncio.run(
+        drive(port, upstream_port, via_proxy=via_proxy, connections=connections, seconds=1.0)
+    )  # warm-up
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    count = asyncio.run(
+        drive(port, upstream_port, via_proxy=via_proxy, connections=connections, seconds=seconds)
+    )
+    cpu_after = cpu_seconds(pid) if pid else 0.0
+    samples = sorted(
+        asyncio.run(latency(port, upstream_port, via_proxy=via_proxy, seconds=min(seconds, 4.0)))
+    )
+    p99 = samples[int(len(samples) * 0.99) - 1] if samples else 0.0
+    return Result(
+        name=name,
+        rps=count / seconds,
+        p50_ms=statistics.median(samples) * 1000 if samples else 0.0,
+        p99_ms=p99 * 1000,
+        cpu_us_per_request=(cpu_after - cpu_before) / count * 1e6 if pid and count else None,
+    )
+
+
+def start_sidecar(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    vienna = Path(sys.executable).with_name("vienna")
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    port, api = free_port(), free_port()
+    data = tmp / "data"
+    proc = subprocess.Popen(
+        [str(vienna), "run", "--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{api}",
+         "--data-dir", str(data), "--agent-id", "bench", "--audit-stdout", "false"],
+        stdout=subprocess.DEVNULL, stderr=(tmp / "vienna.log").open("ab"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("sidecar never became ready; see " + str(tmp / "vienna.log"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=8)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="vienna-bench-"))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        upstream_port = free_port()
+        (tmp / "upstream.py").write_text(UPSTREAM)
+        processes.append(subprocess.Popen([sys.executable, str(tmp / "upstream.py"), str(upstream_port)]))
+        wait_port(upstream_port)
+        results = [
+            measure("direct", upstream_port, upstream_port, None, via_proxy=False,
+                    connections=args.connections, seconds=args.seconds)
+        ]  # fmt: skip
+
+        bare_port = free_port()
+        (tmp / "bare.py").write_text(BARE_MITMPROXY)
+        bare = subprocess.Popen(
+            [sys.executable, str(tmp / "bare.py"), str(bare_port), str(tmp / "bare-conf")]
+        )
+        processes.append(bare)
+        wait_port(bare_port)
+        results.append(
+            measure("bare mitmproxy", bare_port, upstream_port, bare.pid, via_proxy=True,
+                    connections=args.connections, seconds=args.seconds)
+        )  # fmt: skip
+        bare.terminate()
+
+        sidecar, port = start_sidecar(tmp)
+        processes.append(sidecar)
+        results.append(
+            measure("vienna sidecar (T0, durable audit)", port, upstream_port, sidecar.pid, via_proxy=True,
+                    connections=args.connections, seconds=args.seconds)
+        )  # fmt: skip
+        sidecar.terminate()
+        sidecar.wait(15)
+    finally:
+        for proc in processes:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    bare_result = next(r for r in results if r.name == "bare mitmproxy")
+    print(
+        f"\n{args.connections} keep-alive connections for {args.seconds:.0f} s each; latency at 1 connection\n"
+    )
+    print("| path | req/s | × bare mitmproxy | p50 ms | p99 ms | proxy CPU µs/req |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        cpu = f"{r.cpu_us_per_request:.0f}" if r.cpu_us_per_request is not None else "-"
+        ratio = r.rps / bare_result.rps if bare_result.rps else 0.0
+        print(f"| {r.name} | {r.rps:,.0f} | {ratio:.2f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {cpu} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The control API and the operator command line against a live sidecar."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.integration.harness import TOKENS, VIENNA, Sidecar, Upstream, assert_refused, clean_env, unique
+
+
+def test_intent_for_a_t0_action_is_direct(sidecar: Sidecar) -> None:
+    response = sidecar.api("POST", "/v1/intents", body={"action": "demo.read", "target": "anything"})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["mode"], body["status"], body["tier"]) == ("direct", "allowed", "T0")
+    assert body["intent"] == {"action": "demo.read", "target": "anything", "rule": "read"}
+    assert body["execution_id"]
+
+
+def test_intent_for_a_t3_action_is_a_passback_until_two_operators_approve(sidecar: Sidecar) -> None:
+    target = "acme/" + unique("intent")
+    intent = {"action": "demo.delete_repo", "target": target}
+    first = sidecar.api("POST", "/v1/intents", body=intent)
+    assert first.status_code == 202
+    body = first.json()
+    assert (body["mode"], body["status"], body["tier"]) == ("passback", "pending_approval", "T3")
+    request = body["warrant_request"]
+    assert (request["status"], request["approvals_required"]) == ("pending", 2)
+    assert "warrant" not in body
+
+    again = sidecar.api("POST", "/v1/intents", body=intent).json()
+    assert again["warrant_request"]["id"] == request["id"]
+
+    for who in ("alice", "bob"):
+        assert sidecar.approve(request["id"], who).status_code == 200
+    approved = sidecar.api("POST", "/v1/intents", body=intent)
+    assert approved.status_code == 200
+    answer = approved.json()
+    assert (answer["mode"], answer["status"]) == ("passback", "approved")
+    assert answer["warrant"] == sidecar.get_request(request["id"])["warrant"]
+
+
+def test_intent_naming_a_request_classifies_the_request(sidecar: Sidecar, upstream: Upstream) -> None:
+    url = upstream.url("/items/" + unique("intent-url"))
+    response = sidecar.api(
+        "POST", "/v1/intents", body={"action": "write", "params": {"method": "PUT", "url": url, "body": "x"}}
+    )
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["mode"], body["tier"], body["intent"]["rule"]) == ("passback", "T2", "items-write")
+    assert body["instruction"]["url"] == url
+    assert body["constraints"]["method"] == "PUT"
+
+
+def test_intent_for_a_deny_action_is_refused_403(sidecar: Sidecar) -> None:
+    response = sidecar.api("POST", "/v1/intents", body={"action": "demo.forbidden", "target": "x"})
+    body = assert_refused(response, 403, "denied", "policy.deny")
+    assert "warrant_request" not in body
+
+
+def test_intent_without_an_action_is_400(sidecar: Sidecar) -> None:
+    response = sidecar.api("POST", "/v1/intents", body={"target": "x"})
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+
+
+def test_health_readiness_and_metrics_answer(sidecar: Sidecar) -> None:
+    assert sidecar.api("GET", "/healthz").status_code == 200
+    ready = sidecar.api("GET", "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    metrics = sidecar.api("GET", "/metrics")
+    assert metrics.status_code == 200
+    assert "vienna_requests_total" in metrics.text
+
+
+def test_ca_pem_is_a_certificate_and_nothing_more(sidecar: Sidecar) -> None:
+    response = sidecar.api("GET", "/v1/ca.pem")
+    assert response.status_code == 200
+    text = response.text
+    assert text.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" not in text
+
+
+# --- vienna approvals ... -------------------------------------------------------------------------
+
+
+def vienna(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VIENNA), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env({"VIENNA_TOKEN": token} if token else None),
+        check=False,
+    )
+
+
+def test_cli_lists_approves_and_denies_pending_requests(sidecar: Sidecar, upstream: Upstream) -> None:
+    to_approve = sidecar.request("PUT", upstream.url("/items/" + unique("cli-yes")), data=b"x").json()
+    to_deny = sidecar.request("PUT", upstream.url("/items/" + unique("cli-no")), data=b"x").json()
+    approve_id, deny_id = to_approve["warrant_request"]["id"], to_deny["warrant_request"]["id"]
+
+    listed = vienna("approvals", "list", "--api", sidecar.api_url, "--token", TOKENS["alice"])
+    assert listed.returncode == 0, listed.stderr
+    assert "ID" in listed.stdout.splitlines()[0]
+    assert approve_id in listed.stdout
+    assert deny_id in listed.stdout
+
+    approved = vienna(
+        "approvals",
+        "approve",
+        approve_id,
+        "--api",
+        sidecar.api_url,
+        "--justification",
+        "ok",
+        token=TOKENS["alice"],
+    )
+    assert approved.returncode == 0, approved.stderr
+    assert "status approved" in approved.stdout
+    assert "warrant" in sidecar.get_request(approve_id)
+
+    denied = vienna("approvals", "deny", deny_id, "--api", sidecar.api_url, "--token", TOKENS["bob"])
+    assert denied.returncode == 0, denied.stderr
+    assert "status denied" in denied.stdout
+    assert sidecar.get_request(deny_id)["status"] == "denied"
+
+    after = vienna("approvals", "list", "--api", sidecar.api_url, "--token", TOKENS["alice"])
+    assert approve_id not in after.stdout
+    assert deny_id not in after.stdout
+
+
+def test_cli_refusals_exit_nonzero(sidecar: Sidecar, upstream: Upstream) -> None:
+    passback = sidecar.request("DELETE", upstream.url("/repos/acme/" + unique("cli"))).json()
+    request_id = passback["warrant_request"]["id"]
+    api = ("--api", sidecar.api_url)
+
+    bad_token = vienna("approvals", "approve", request_id, *api, "--justification", "ok", "--token", "wrong")
+    assert bad_token.returncode == 1
+    assert "401" in bad_token.stderr
+
+    missing_justification = vienna("approvals", "approve", request_id, *api, token=TOKENS["alice"])
+    assert missing_justification.returncode == 1
+    assert "400" in missing_justification.stderr
+
+    assert (
+        vienna(
+            "approvals", "approve", request_id, *api, "--justification", "ok", token=TOKENS["alice"]
+        ).returncode
+        == 0
+    )
+    twice = vienna("approvals", "approve", request_id, *api, "--justification", "ok", token=TOKENS["alice"])
+    assert twice.returncode == 1
+    assert "409" in twice.stderr
+    assert sidecar.get_request(request_id)["approvals"] == 1
+
+    no_token = vienna("approvals", "list", *api)
+    assert no_token.returncode == 2

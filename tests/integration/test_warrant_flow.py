@@ -1,0 +1,262 @@
+"""The passback loop: refused → warrant request → operators vote → warrant → the exact request goes through once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.harness import TOKENS, Sidecar, Upstream, assert_refused, unique
+
+
+def test_t2_passback_approval_retry_and_replay(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("t2")
+    url = upstream.url(path + "?color=blue")
+
+    refused = sidecar.request("PUT", url, data=b'{"size": 3}')
+    passback = assert_refused(refused, 403, "warrant_required", "warrant.required")
+    assert passback["tier"] == "T2"
+    assert (passback["intent"]["action"], passback["intent"]["rule"]) == ("demo.write_item", "items-write")
+    wr = passback["warrant_request"]
+    assert (wr["status"], wr["approvals_required"]) == ("pending", 1)
+    assert wr["url"] == f"{sidecar.api_url}/v1/warrant-requests/{wr['id']}"
+
+    again = sidecar.request("PUT", url, data=b'{"size": 3}')
+    assert (
+        assert_refused(again, 403, "warrant_required", "warrant.required")["warrant_request"]["id"]
+        == wr["id"]
+    )
+    assert "warrant" not in sidecar.get_request(wr["id"])
+    assert upstream.seen(path) == []
+
+    approved = sidecar.approve(wr["id"], "alice")
+    assert approved.status_code == 200
+    assert approved.json()["status"] == "approved"
+    state = sidecar.get_request(wr["id"])
+    assert state["status"] == "approved"
+    warrant = state["warrant"]
+
+    forwarded = sidecar.request("PUT", url, data=b'{"size": 3}', warrant=warrant)
+    assert forwarded.status_code == 200
+    assert forwarded.headers["Vienna-Decision"] == "allow"
+    [seen] = upstream.seen(path)
+    assert (seen.method, seen.query, seen.body) == ("PUT", "color=blue", b'{"size": 3}')
+    assert "vienna-warrant" not in seen.header_names
+
+    replay = sidecar.request("PUT", url, data=b'{"size": 3}', warrant=warrant)
+    assert_refused(replay, 403, "warrant_invalid", "warrant.replayed")
+    assert len(upstream.seen(path)) == 1
+
+
+def test_t3_needs_two_distinct_operators_and_a_justification(sidecar: Sidecar, upstream: Upstream) -> None:
+    repo = unique("widgets")
+    path = f"/repos/acme/{repo}"
+    passback = assert_refused(
+        sidecar.request("DELETE", upstream.url(path)), 403, "warrant_required", "warrant.required"
+    )
+    assert passback["tier"] == "T3"
+    assert passback["intent"] == {
+        "action": "demo.delete_repo",
+        "target": f"acme/{repo}",
+        "rule": "delete-repo",
+    }
+    request_id = passback["warrant_request"]["id"]
+    assert passback["warrant_request"]["approvals_required"] == 2
+
+    first = sidecar.approve(request_id, "alice")
+    assert first.status_code == 200
+    assert (first.json()["status"], first.json()["approvals"]) == ("pending", 1)
+    assert "warrant" not in sidecar.get_request(request_id)
+
+    twice = sidecar.approve(request_id, "alice")
+    assert twice.status_code == 409
+    assert twice.json()["reason_code"] == "approval.duplicate_vote"
+
+    unjustified = sidecar.approve(request_id, "bob", justification="   ")
+    assert unjustified.status_code == 400
+    assert unjustified.json()["reason_code"] == "approval.justification_required"
+
+    bad_token = sidecar.api(
+        "POST", f"/v1/warrant-requests/{request_id}/approve", token="not-a-token", body={"justification": "x"}
+    )
+    assert bad_token.status_code == 401
+    no_token = sidecar.api("POST", f"/v1/warrant-requests/{request_id}/approve", body={"justification": "x"})
+    assert no_token.status_code == 401
+
+    assert sidecar.get_request(request_id)["approvals"] == 1  # none of the refused votes counted
+    assert upstream.seen(path) == []
+
+    second = sidecar.approve(request_id, "bob")
+    assert second.status_code == 200
+    state = sidecar.get_request(request_id)
+    assert (state["status"], state["approvals"]) == ("approved", 2)
+    assert {vote["operator"] for vote in state["votes"]} == {"alice", "bob"}
+
+    forwarded = sidecar.request("DELETE", upstream.url(path), warrant=state["warrant"])
+    assert (forwarded.status_code, forwarded.headers["Vienna-Decision"]) == (200, "allow")
+    assert len(upstream.seen(path)) == 1
+
+
+def test_operator_deny_ends_the_request_without_a_warrant(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("denied")
+    passback = assert_refused(
+        sidecar.request("PUT", upstream.url(path), data=b"x"), 403, "warrant_required", "warrant.required"
+    )
+    request_id = passback["warrant_request"]["id"]
+
+    denied = sidecar.deny(request_id, "carol")
+    assert denied.status_code == 200
+    state = sidecar.get_request(request_id)
+    assert state["status"] == "denied"
+    assert "warrant" not in state
+
+    late = sidecar.approve(request_id, "alice")
+    assert late.status_code == 409
+    assert late.json()["reason_code"] == "approval.not_pending"
+    assert "warrant" not in sidecar.get_request(request_id)
+
+    # the agent is not stuck behind a denied request: asking again opens a new one
+    retry = sidecar.request("PUT", upstream.url(path), data=b"x")
+    new_id = assert_refused(retry, 403, "warrant_required", "warrant.required")["warrant_request"]["id"]
+    assert new_id != request_id
+    assert upstream.seen(path) == []
+
+
+def test_agent_cannot_approve_its_own_request(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("self")
+    passback = assert_refused(
+        sidecar.request("PUT", upstream.url(path), data=b"x"), 403, "warrant_required", "warrant.required"
+    )
+    own = sidecar.approve(passback["warrant_request"]["id"], "test-agent")
+    assert own.status_code == 403
+    assert own.json()["reason_code"] == "approval.self_approval"
+    assert sidecar.get_request(passback["warrant_request"]["id"])["status"] == "pending"
+
+
+def test_pending_list_needs_an_operator_and_shows_the_request(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("listed")
+    passback = sidecar.request("PUT", upstream.url(path), data=b"x").json()
+    assert sidecar.api("GET", "/v1/warrant-requests?status=pending").status_code == 401
+    listed = sidecar.api("GET", "/v1/warrant-requests?status=pending", token=TOKENS["bob"])
+    assert listed.status_code == 200
+    ids = {item["id"] for item in listed.json()["warrant_requests"]}
+    assert passback["warrant_request"]["id"] in ids
+    assert all("warrant" not in item for item in listed.json()["warrant_requests"])
+
+
+def test_unknown_warrant_request_is_404(sidecar: Sidecar) -> None:
+    assert sidecar.api("GET", "/v1/warrant-requests/wr_nope").status_code == 404
+    assert sidecar.approve("wr_nope", "alice").status_code == 404
+
+
+# --- the warrant covers exactly one request -------------------------------------------------------
+
+BODY = b'{"a": 1}'
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "host", "suffix", "query", "body"),
+    [
+        ("method", "POST", "127.0.0.1", "", "v=1", BODY),
+        ("path", "PUT", "127.0.0.1", "-other", "v=1", BODY),
+        ("query", "PUT", "127.0.0.1", "", "v=2", BODY),
+        ("body", "PUT", "127.0.0.1", "", "v=1", b'{"a": 2}'),
+        ("host", "PUT", "localhost", "", "v=1", BODY),
+    ],
+)
+def test_warrant_used_on_another_request_is_refused_with_the_mismatch(
+    sidecar: Sidecar,
+    upstream: Upstream,
+    kind: str,
+    method: str,
+    host: str,
+    suffix: str,
+    query: str,
+    body: bytes,
+) -> None:
+    path = "/items/" + unique(f"mismatch-{kind}")
+    warrant = sidecar.obtain_warrant("PUT", upstream.url(f"{path}?v=1"), data=BODY)
+    other = upstream.url(f"{path}{suffix}?{query}", host=host)
+    refused = sidecar.request(method, other, data=body, warrant=warrant)
+    assert_refused(refused, 403, "warrant_invalid", f"warrant.mismatch.{kind}")
+    assert upstream.seen(path) == []
+    assert upstream.seen(path + suffix) == []
+
+
+def test_mismatched_attempts_do_not_use_up_the_warrant(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("unspent")
+    url = upstream.url(f"{path}?v=1")
+    warrant = sidecar.obtain_warrant("PUT", url, data=BODY)
+    for attempt in range(3):
+        refused = sidecar.request("PUT", url, data=b"%d" % attempt, warrant=warrant)
+        assert_refused(refused, 403, "warrant_invalid", "warrant.mismatch.body")
+    assert sidecar.request("PUT", url, data=BODY, warrant=warrant).status_code == 200
+    assert len(upstream.seen(path)) == 1
+
+
+async def test_twenty_concurrent_retries_with_one_warrant_reach_the_upstream_once(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    path = "/items/" + unique("race")
+    url = upstream.url(path)
+    warrant = sidecar.obtain_warrant("PUT", url, data=BODY)
+
+    async with aiohttp.ClientSession() as session:
+
+        async def attempt() -> tuple[int, str, dict[str, object]]:
+            async with session.put(
+                url, data=BODY, headers={"Vienna-Warrant": warrant}, proxy=sidecar.proxy_url
+            ) as response:
+                return response.status, response.headers["Vienna-Decision"], await response.json()
+
+        answers = await asyncio.gather(*(attempt() for _ in range(20)))
+
+    assert sorted(status for status, _, _ in answers) == [200] + [403] * 19
+    assert {decision for status, decision, _ in answers if status == 403} == {"deny"}
+    assert {body["reason_code"] for status, _, body in answers if status == 403} == {"warrant.replayed"}
+    assert len(upstream.seen(path)) == 1
+
+
+# --- HTTPS through CONNECT ------------------------------------------------------------------------
+
+
+def test_https_t0_through_connect_is_intercepted_and_forwarded(
+    sidecar: Sidecar, tls_upstream: Upstream, sidecar_ca_file: Path
+) -> None:
+    path = "/" + unique("tls-read")
+    url = tls_upstream.url(path, host="localhost")
+    response = sidecar.request("GET", url, verify=str(sidecar_ca_file))
+    assert response.status_code == 200
+    assert response.headers["Vienna-Decision"] == "allow"
+    assert response.json()["path"] == path
+    assert len(tls_upstream.seen(path)) == 1
+
+
+def test_https_t2_gets_the_passback_inside_the_tunnel_then_goes_through_with_the_warrant(
+    sidecar: Sidecar, tls_upstream: Upstream, sidecar_ca_file: Path
+) -> None:
+    path = "/items/" + unique("tls-write")
+    url = tls_upstream.url(path, host="localhost")
+    refused = sidecar.request("PUT", url, data=BODY, verify=str(sidecar_ca_file))
+    passback = assert_refused(refused, 403, "warrant_required", "warrant.required")
+    assert passback["constraints"]["scheme"] == "https"
+    assert sidecar.approve(passback["warrant_request"]["id"], "alice").status_code == 200
+    warrant = sidecar.get_request(passback["warrant_request"]["id"])["warrant"]
+    assert tls_upstream.seen(path) == []
+
+    forwarded = sidecar.request("PUT", url, data=BODY, warrant=warrant, verify=str(sidecar_ca_file))
+    assert (forwarded.status_code, forwarded.headers["Vienna-Decision"]) == (200, "allow")
+    [seen] = tls_upstream.seen(path)
+    assert "vienna-warrant" not in seen.header_names
+
+
+def test_https_t3_gets_the_passback_inside_the_tunnel(
+    sidecar: Sidecar, tls_upstream: Upstream, sidecar_ca_file: Path
+) -> None:
+    path = "/repos/acme/" + unique("tls")
+    refused = sidecar.request("DELETE", tls_upstream.url(path, host="localhost"), verify=str(sidecar_ca_file))
+    passback = assert_refused(refused, 403, "warrant_required", "warrant.required")
+    assert (passback["tier"], passback["warrant_request"]["approvals_required"]) == ("T3", 2)
+    assert tls_upstream.seen(path) == []

@@ -7,7 +7,7 @@ import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 GENESIS_HASH = "0" * 64
@@ -115,10 +115,33 @@ def link(
     event_type = EventType(type)  # raises ValueError for a type outside the schema
     # A JSON round trip detaches the payload from the caller's mutable objects and makes what
     # is stored exactly what was hashed (tuples become lists, keys become strings).
-    stored = json.loads(canonical_json(payload))
+    payload_bytes = canonical_json(payload)
+    stored = json.loads(payload_bytes)
     if not isinstance(stored, dict):
         raise ValueError("payload must be a mapping")
-    event = AuditEvent(
+    # The body's canonical form, assembled around the payload bytes already serialised: equal to
+    # canonical_json(event.body()) (keys in sorted order), without serialising the payload twice.
+    text = _json_text
+    body = b"".join(
+        (
+            b'{"agent":',
+            text(agent),
+            b',"payload":',
+            payload_bytes,
+            b',"policy_revision":',
+            text(policy_revision),
+            b',"prev_hash":',
+            text(prev_hash),
+            b',"seq":',
+            text(seq),
+            b',"ts":',
+            text(ts),
+            b',"type":',
+            text(event_type.value),
+            b"}",
+        )
+    )
+    return AuditEvent(
         seq=seq,
         ts=ts,
         type=event_type.value,
@@ -126,9 +149,12 @@ def link(
         policy_revision=policy_revision,
         payload=stored,
         prev_hash=prev_hash,
-        hash="",
+        hash=hashlib.sha256(prev_hash.encode("utf-8") + body).hexdigest(),
     )
-    return replace(event, hash=chain_hash(prev_hash, event.body()))
+
+
+def _json_text(value: object) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import heapq
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from policy.model import Intent, Request, Tier, highest_tier
-from policy.rules import Rule, RuleSet
+from policy.rules import CEL_REQUEST_FIELDS, DEFAULT_TARGET, Rule, RuleSet
 from policy.templates import render_target
 
 _INTEGER = re.compile(r"^-?[0-9]{1,18}$")
 _MAX_PARSED_BODY = 1 << 20
 _WHEN_FAILURE_FLOOR = Tier.T2
+_SORT_CANDIDATES_UP_TO = 64
+# Document order of the `request` fields, as cel_context has always listed them.
+_REQUEST_FIELDS = ("method", "scheme", "host", "port", "path", "query", "headers", "json", "form")
+_ALL_INPUTS = frozenset({*CEL_REQUEST_FIELDS, "agent"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,23 +32,31 @@ class Classification:
     reason: str
 
 
-def candidate_rules(rules: RuleSet, host: str) -> Iterator[int]:
+def candidate_rules(rules: RuleSet, host: str) -> Iterable[int]:
     """Positions of the rules that can match `host`, in document order, without scanning the rest."""
     lists: list[tuple[int, ...]] = []
     exact = rules.by_exact_host.get(host)
     if exact:
         lists.append(exact)
-    suffix = host
-    while (dot := suffix.find(".")) >= 0:
-        suffix = suffix[dot + 1 :]
-        wild = rules.by_wildcard_suffix.get(suffix)
-        if wild:
-            lists.append(wild)
+    if rules.by_wildcard_suffix:
+        suffix = host
+        while (dot := suffix.find(".")) >= 0:
+            suffix = suffix[dot + 1 :]
+            wild = rules.by_wildcard_suffix.get(suffix)
+            if wild:
+                lists.append(wild)
     if rules.any_host:
         lists.append(rules.any_host)
-    if len(lists) == 1:
-        yield from lists[0]
-        return
+    if len(lists) <= 1:
+        return lists[0] if lists else ()
+    if sum(len(positions) for positions in lists) <= _SORT_CANDIDATES_UP_TO:
+        # A few positions sort faster than a lazy merge starts; the merge wins for long lists,
+        # where the first match usually comes long before their end.
+        return sorted(set().union(*lists))
+    return _merged(lists)
+
+
+def _merged(lists: list[tuple[int, ...]]) -> Iterator[int]:
     last = -1
     for position in heapq.merge(*lists):
         if position != last:
@@ -89,60 +101,106 @@ def _pairs_to_map(text: str) -> dict[str, str | int]:
     return values
 
 
-def cel_context(request: Request, agent: str) -> dict[str, Any]:
+class _WhenInputs:
+    """What `when` expressions read about one request, each value built at most once."""
+
+    __slots__ = ("_agent", "_request", "_values")
+
+    def __init__(self, request: Request, agent: str) -> None:
+        self._request = request
+        self._agent = agent
+        self._values: dict[str, Any] = {}
+
+    def context(self, wanted: frozenset[str] | None) -> dict[str, Any]:
+        """The CEL variables for a `when` that reads `wanted` (None: everything)."""
+        names = wanted if wanted is not None else _ALL_INPUTS
+        context: dict[str, Any] = {}
+        fields = {name: self._value(name) for name in _REQUEST_FIELDS if name in names}
+        if fields or wanted is None:
+            context["request"] = fields
+        if "agent" in names:
+            context["agent"] = {"id": self._agent}
+        return context
+
+    def _value(self, name: str) -> Any:
+        if name not in self._values:
+            self._values[name] = _request_field(self._request, name)
+        return self._values[name]
+
+
+def _request_field(request: Request, name: str) -> Any:
+    if name == "query":
+        return _pairs_to_map(request.query)
+    if name == "headers":
+        headers: dict[str, str] = {}
+        for key, value in request.headers:
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        return headers
+    if name in ("json", "form"):
+        return _body(request, name)
+    return getattr(request, name)
+
+
+def _body(request: Request, kind: str) -> Any:
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-    body_json: Any = None
-    form: dict[str, str | int] = {}
-    if request.body and len(request.body) <= _MAX_PARSED_BODY:
-        if content_type == "application/json" or content_type.endswith("+json"):
-            try:
-                body_json = json.loads(request.body)
-            except ValueError:
-                body_json = None
-        elif content_type == "application/x-www-form-urlencoded":
-            form = _pairs_to_map(request.body.decode("utf-8", "replace"))
-    headers: dict[str, str] = {}
-    for key, value in request.headers:
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return {
-        "request": {
-            "method": request.method,
-            "scheme": request.scheme,
-            "host": request.host,
-            "port": request.port,
-            "path": request.path,
-            "query": _pairs_to_map(request.query),
-            "headers": headers,
-            "json": body_json,
-            "form": form,
-        },
-        "agent": {"id": agent},
-    }
+    is_json = content_type == "application/json" or content_type.endswith("+json")
+    parsed = request.body and len(request.body) <= _MAX_PARSED_BODY
+    if kind == "json":
+        if not (parsed and is_json):
+            return None
+        try:
+            return json.loads(request.body)
+        except (ValueError, RecursionError):  # deep nesting must not turn a parse into an error
+            return None
+    if parsed and content_type == "application/x-www-form-urlencoded":
+        return _pairs_to_map(request.body.decode("utf-8", "replace"))
+    return {}
+
+
+def cel_context(request: Request, agent: str) -> dict[str, Any]:
+    """Every variable a `when` can read: `request` (method … form) and `agent`."""
+    return _WhenInputs(request, agent).context(None)
+
+
+def _evaluate(rule: Rule, inputs: _WhenInputs) -> tuple[bool | None, str]:
+    """(True/False, '') or (None, why) when `when` cannot be evaluated to a boolean."""
+    try:
+        outcome = rule.when_program.execute(inputs.context(rule.when_inputs))
+    except Exception as exc:  # any evaluation failure must fail closed, whatever its type
+        return None, str(exc)
+    if outcome is True or outcome is False:
+        return outcome, ""
+    return None, "not a boolean"
 
 
 def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
-    context: dict[str, Any] | None = None
-    positions = candidate_rules(rules, request.host)
-    for position in positions:
+    inputs: _WhenInputs | None = None
+    # A `when` that cannot be evaluated counts as matching at the highest tier it could give:
+    # its own, or whatever a later rule (or default_tier) gives, and never below T2.
+    failed: tuple[Rule, dict[str, str], str] | None = None
+    floor = _WHEN_FAILURE_FLOOR
+    for position in candidate_rules(rules, request.host):
         rule = rules.rules[position]
         if rule.methods is not None and request.method not in rule.methods:
             continue
-        if not _host_matches(rule, request):
+        if rule.hosts is not None and not _host_matches(rule, request):
             continue
         captured = _path_captures(rule, request)
         if captured is None:
             continue
         if rule.when_program is not None:
-            if context is None:
-                context = cel_context(request, agent)
-            try:
-                outcome = rule.when_program.execute(context)
-            except Exception as exc:  # any evaluation failure must fail closed, whatever its type
-                return _when_failed(rule, request, captured, rules, agent, positions, str(exc))
-            if outcome is not True:
-                if outcome is not False:
-                    return _when_failed(rule, request, captured, rules, agent, positions, "not a boolean")
+            if inputs is None:
+                inputs = _WhenInputs(request, agent)
+            outcome, why = _evaluate(rule, inputs)
+            if outcome is False:
                 continue
+            if outcome is None:
+                if failed is None:
+                    failed = (rule, captured, why)
+                floor = highest_tier((floor, rule.tier))
+                continue
+        if failed is not None:
+            return _when_failed(failed, request, highest_tier((floor, rule.tier)))
         return Classification(
             intent=_intent(rule, request, captured),
             tier=rule.tier,
@@ -150,6 +208,8 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
             reason_code="policy.rule",
             reason=f"matched rule {rule.id!r}",
         )
+    if failed is not None:
+        return _when_failed(failed, request, highest_tier((floor, rules.default_tier)))
     return Classification(
         intent=Intent(action="unmatched", target=f"{request.host}{request.path}", rule=None),
         tier=rules.default_tier,
@@ -159,19 +219,8 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
     )
 
 
-def _when_failed(
-    rule: Rule,
-    request: Request,
-    captured: dict[str, str],
-    rules: RuleSet,
-    agent: str,
-    remaining: Iterator[int],
-    why: str,
-) -> Classification:
-    # Fail closed: the rule counts as matching, at the highest of its own tier, whatever the
-    # remaining rules would give, and T2 — an evaluation error never allows.
-    rest = _classify_from(remaining, request, rules, agent)
-    tier = highest_tier((rule.tier, rest, _WHEN_FAILURE_FLOOR))
+def _when_failed(failed: tuple[Rule, dict[str, str], str], request: Request, tier: Tier) -> Classification:
+    rule, captured, why = failed
     return Classification(
         intent=_intent(rule, request, captured),
         tier=tier,
@@ -181,32 +230,20 @@ def _when_failed(
     )
 
 
-def _classify_from(positions: Iterator[int], request: Request, rules: RuleSet, agent: str) -> Tier:
-    remaining = list(positions)
-    if not remaining:
-        return rules.default_tier
-    subset = RuleSet(
-        version=rules.version,
-        default_tier=rules.default_tier,
-        rules=tuple(rules.rules[p] for p in remaining),
-        revision=rules.revision,
-        source=rules.source,
-        by_exact_host={},
-        by_wildcard_suffix={},
-        any_host=tuple(range(len(remaining))),
-        named_hosts=rules.named_hosts,
-    )
-    return classify(request, subset, agent=agent).tier
-
-
 def _intent(rule: Rule, request: Request, captured: dict[str, str]) -> Intent:
-    values = {
-        "host": request.host,
-        "port": str(request.port),
-        "method": request.method,
-        "path": request.path,
-        "scheme": request.scheme,
-        "query": request.query,
-        **captured,
-    }
-    return Intent(action=rule.action, target=render_target(rule.target, values), rule=rule.id)
+    if rule.target == DEFAULT_TARGET:
+        target = f"{request.host}{request.path}"
+    elif "{" not in rule.target:
+        target = rule.target
+    else:
+        values = {
+            "host": request.host,
+            "port": str(request.port),
+            "method": request.method,
+            "path": request.path,
+            "scheme": request.scheme,
+            "query": request.query,
+            **captured,
+        }
+        target = render_target(rule.target, values)
+    return Intent(action=rule.action, target=target, rule=rule.id)

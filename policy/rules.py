@@ -33,7 +33,14 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 _BINDS = ("exact", "path", "host")
 # CEL macros bind an iteration variable (`request.headers.exists(h, ...)`) that the binding's
 # variables() lists alongside the free ones; those names are not unknown.
-_CEL_MACRO_VARIABLE = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
+_CEL_MACRO_VARIABLE = re.compile(
+    r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,"
+)
+CEL_REQUEST_FIELDS = frozenset(
+    {"method", "scheme", "host", "port", "path", "query", "headers", "json", "form"}
+)
+_CEL_ROOT = re.compile(r"(?<![\w.])(request|agent)(?!\w)")
+_CEL_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,7 @@ class Rule:
     paths: tuple[PathTemplate, ...] | None
     when: str | None
     when_program: Any = field(default=None, compare=False, repr=False)
+    when_inputs: frozenset[str] | None = field(default=None, compare=False, repr=False)
     action: str
     target: str
     tier: Tier
@@ -307,6 +315,7 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         paths=paths,
         when=when,
         when_program=program,
+        when_inputs=None if when is None else cel_inputs(when),
         action=str(action),
         target=target,
         tier=tier,
@@ -399,6 +408,25 @@ def _parse_when(raw: Any, where: str, line: int, issues: _Collector) -> tuple[st
             line, f"{where}.when", f"unknown variable(s) {', '.join(sorted(unknown))}; use request or agent"
         )
     return raw, program
+
+
+def cel_inputs(source: str) -> frozenset[str] | None:
+    """The `request` fields (and `agent`) a `when` reads; None when its text does not tell.
+
+    Handing CEL only these is what keeps evaluation cheap: the binding converts every value it is
+    given. A mention of `request` other than `request.<field>` (indexing, iterating, passing it whole)
+    means the whole context; a stray name in a string or comment only adds a field.
+    """
+    inputs: set[str] = set()
+    for root in _CEL_ROOT.finditer(source):
+        if root.group(1) == "agent":
+            inputs.add("agent")
+            continue
+        member = _CEL_FIELD.match(source, root.end())
+        if member is None or member.group(1) not in CEL_REQUEST_FIELDS:
+            return None
+        inputs.add(member.group(1))
+    return frozenset(inputs)
 
 
 def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> RateLimit | None:

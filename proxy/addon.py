@@ -430,6 +430,7 @@ class EnforcementAddon:
             agent=sidecar.settings.agent_id,
             policy_revision=decision.policy_revision,
             payload=payload,
+            durable=False,
         )
         if decision.warrant_id is not None:
             # The forwarded request is the verified one (same value); record the binding that held.
@@ -444,6 +445,7 @@ class EnforcementAddon:
                     "matched": True,
                     "status": status,
                 },
+                durable=False,
             )
 
     def _observe(self, decision: Decision, started: float, label: str) -> None:

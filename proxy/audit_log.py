@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -12,7 +14,12 @@ from typing import TextIO
 
 from policy.audit import AuditEvent, checkpoint_payload, redact, sign_checkpoint
 from proxy.metrics import Metrics
-from proxy.store import Store
+from proxy.store import Store, StoreUnavailable
+
+log = logging.getLogger("vienna.audit")
+# Events that need not be durable before the caller goes on (executions) are committed together
+# with the next durable event or after this delay, whichever comes first.
+FLUSH_DELAY = 0.02
 
 CHECKPOINT_FILE = "checkpoints.jsonl"
 
@@ -37,16 +44,30 @@ class Recorder:
         self._stdout = stdout
         self._clock = clock
         self._since_checkpoint = 0
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def record(
-        self, type: str, *, agent: str, policy_revision: str, payload: Mapping[str, object]
+        self,
+        type: str,
+        *,
+        agent: str,
+        policy_revision: str,
+        payload: Mapping[str, object],
+        durable: bool = True,
     ) -> AuditEvent:
         """Commit one event (raises StoreUnavailable when it cannot be) and publish it."""
         cleaned = redact(dict(payload))
         assert isinstance(cleaned, dict)  # redact keeps a mapping a mapping
         event = self.store.append(
-            type=type, agent=agent, policy_revision=policy_revision, payload=cleaned, ts=self._clock()
+            type=type,
+            agent=agent,
+            policy_revision=policy_revision,
+            payload=cleaned,
+            ts=self._clock(),
+            durable=durable,
         )
+        if not durable:
+            self._schedule_flush()
         self.metrics.audit_events.labels(type=type).inc()
         if self._stdout is not None:
             line = json.dumps(
@@ -62,8 +83,27 @@ class Recorder:
             self.checkpoint()
         return event
 
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.store.flush()
+            return
+        self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_handle = None
+        try:
+            self.store.flush()
+        except StoreUnavailable as exc:
+            log.error("audit write-behind failed, retrying: %s", exc)
+            self._schedule_flush()
+
     def checkpoint(self) -> dict[str, object] | None:
         """Sign (size, head hash) so that cutting off the newest events becomes detectable."""
+        self.store.flush()
         size, head = self.store.head
         if size == 0:
             return None

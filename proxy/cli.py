@@ -208,8 +208,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 1
     report = verify_chain(events, start_prev_hash=GENESIS_HASH)
     if not report.ok:
+        explained = {
+            "edited": "its hash does not match its content",
+            "sequence_gap": _missing(report.count + 1, (report.first_bad_seq or 0) - 1),
+            "reordered": "out of order",
+            "broken_link": "its prev_hash is not the hash of the event before it",
+        }.get(report.problem or "", "")
         print(
-            f"TAMPERED: event seq {report.first_bad_seq}: {report.problem} ({report.count} events verified before it)"
+            f"TAMPERED: event seq {report.first_bad_seq}: {report.problem}: {explained}"
+            f" ({report.count} events verified before it)"
         )
         return 1
     checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
@@ -239,7 +246,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
             size = int(entry["size"])
             if size not in hashes:
                 print(
-                    f"TAMPERED: truncated: checkpoint {number} covers {size} events, the log has {len(events)}"
+                    f"TAMPERED: event seq {len(events) + 1}: truncated: signed checkpoint {number} covers"
+                    f" {size} events, the log ends at seq {len(events)}"
                 )
                 return 1
             if hashes[size] != entry["head_hash"]:
@@ -250,6 +258,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
         f"ok: {report.count} events, chain intact, head {report.head_hash[:16]}, {checked} signed checkpoints verified"
     )
     return 0
+
+
+def _missing(first: int, last: int) -> str:
+    return f"event seq {first} is missing" if first >= last else f"events seq {first}-{last} are missing"
 
 
 def _audit_export(args: argparse.Namespace) -> int:

@@ -83,10 +83,14 @@ class Store:
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         self._head_seq: int = row[0] if row else 0
         self._head_hash: str = row[1] if row else GENESIS_HASH
+        self._pending: list[AuditEvent] = []
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self._flush_locked()
+            finally:
+                self._db.close()
 
     @property
     def head(self) -> tuple[int, str]:
@@ -95,9 +99,18 @@ class Store:
     # --- audit chain -------------------------------------------------------------------------
 
     def append(
-        self, *, type: str, agent: str, policy_revision: str, payload: Mapping[str, object], ts: float
+        self,
+        *,
+        type: str,
+        agent: str,
+        policy_revision: str,
+        payload: Mapping[str, object],
+        ts: float,
+        durable: bool = True,
     ) -> AuditEvent:
-        """Append one event and commit it; raises StoreUnavailable when that cannot be done."""
+        """Link one event into the chain. `durable` events are committed (with every event queued
+        before them) before this returns, or StoreUnavailable is raised and the event is dropped;
+        others wait in memory for the next commit (group commit), in chain order."""
         with self._lock:
             event = link(
                 prev_hash=self._head_hash,
@@ -108,30 +121,68 @@ class Store:
                 policy_revision=policy_revision,
                 payload=payload,
             )
-            try:
-                self._db.execute(
-                    "INSERT INTO audit (seq, ts, type, agent, policy_revision, payload, prev_hash, hash)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event.seq,
-                        event.ts,
-                        event.type,
-                        event.agent,
-                        event.policy_revision,
-                        json.dumps(event.payload, sort_keys=True, separators=(",", ":")),
-                        event.prev_hash,
-                        event.hash,
-                    ),
-                )
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"audit store cannot write: {exc}") from exc
+            previous_head = (self._head_seq, self._head_hash)
+            self._pending.append(event)
             self._head_seq, self._head_hash = event.seq, event.hash
+            if durable:
+                try:
+                    self._flush_locked()
+                except StoreUnavailable:
+                    # The event was never stored: take it back so the chain stays gap-free.
+                    self._pending.pop()
+                    self._head_seq, self._head_hash = previous_head
+                    raise
             return event
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Commit queued events; raises StoreUnavailable (and keeps them queued) when it cannot."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        rows = [
+            (
+                e.seq,
+                e.ts,
+                e.type,
+                e.agent,
+                e.policy_revision,
+                json.dumps(e.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+                e.prev_hash,
+                e.hash,
+            )
+            for e in self._pending
+        ]
+        sql = (
+            "INSERT INTO audit (seq, ts, type, agent, policy_revision, payload, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        try:
+            if len(rows) == 1:
+                self._db.execute(sql, rows[0])
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(sql, rows)
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"audit store cannot write: {exc}") from exc
+        self._pending.clear()
 
     def events(self, *, after: int = 0, limit: int | None = None) -> list[AuditEvent]:
         return list(self.iter_events(after=after, limit=limit))
 
     def iter_events(self, *, after: int = 0, limit: int | None = None) -> Iterator[AuditEvent]:
+        self.flush()
         sql = "SELECT seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq"
         params: tuple[int, ...] = (after,)
         if limit is not None:

@@ -139,6 +139,10 @@ class WarrantRequests:
 
     def _issue(self, stored: StoredRequest, now: float, revision: str) -> StoredRequest:
         state = stored.state
+        if "method" not in stored.request:
+            # An intent named only by action/target (POST /v1/intents without params.url) has no
+            # HTTP request to bind a warrant to: the approval stands, no data-plane warrant is minted.
+            return stored
         rule = next((r for r in self._rules().rules if r.id == stored.rule_id), None)
         ttl = DEFAULT_TTL.get(state.tier, 5 * 60)
         max_uses, bind = 1, Bind.EXACT

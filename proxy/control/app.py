@@ -281,12 +281,14 @@ async def _vote(request: web.Request, approve: bool) -> web.Response:
     justification = body.get("justification", "")
     if not isinstance(justification, str):
         raise _BadRequest("'justification' must be a string")
+    # Looked up here, not by catching KeyError around vote(): a KeyError raised while minting is
+    # an internal error, not "no such warrant request".
+    if sidecar.store.get_request(request.match_info["id"]) is None:
+        return _error(404, "not_found", "no such warrant request")
     try:
         stored = sidecar.warrant_requests.vote(
             request.match_info["id"], operator=operator, approve=approve, justification=justification
         )
-    except KeyError:
-        return _error(404, "not_found", "no such warrant request")
     except ApprovalError as exc:
         return _error(exc.http_status, exc.code.split(".")[-1], exc.reason, reason_code=exc.code)
     return web.json_response(sidecar.warrant_requests.view(stored, include_warrant=False))

@@ -16,13 +16,14 @@ def test_intent_for_a_t0_action_is_direct(sidecar: Sidecar) -> None:
     assert body["execution_id"]
 
 
-def test_intent_for_a_t3_action_is_a_passback_until_two_operators_approve(sidecar: Sidecar) -> None:
+def test_intent_for_a_t3_action_is_a_passback_that_two_operators_can_approve(sidecar: Sidecar) -> None:
     target = "acme/" + unique("intent")
     intent = {"action": "demo.delete_repo", "target": target}
     first = sidecar.api("POST", "/v1/intents", body=intent)
     assert first.status_code == 202
     body = first.json()
     assert (body["mode"], body["status"], body["tier"]) == ("passback", "pending_approval", "T3")
+    assert body["intent"] == {"action": "demo.delete_repo", "target": target, "rule": "delete-repo"}
     request = body["warrant_request"]
     assert (request["status"], request["approvals_required"]) == ("pending", 2)
     assert "warrant" not in body
@@ -30,25 +31,36 @@ def test_intent_for_a_t3_action_is_a_passback_until_two_operators_approve(sideca
     again = sidecar.api("POST", "/v1/intents", body=intent).json()
     assert again["warrant_request"]["id"] == request["id"]
 
+    # Regression: the quorum vote on an intent without params.url used to answer 404 and stay pending.
     for who in ("alice", "bob"):
-        assert sidecar.approve(request["id"], who).status_code == 200
+        vote = sidecar.approve(request["id"], who)
+        assert vote.status_code == 200, vote.text
+    assert sidecar.get_request(request["id"])["status"] == "approved"
+
+
+def test_intent_naming_a_request_is_classified_and_its_warrant_works_on_the_proxy(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    path = "/items/" + unique("intent-url")
+    url = upstream.url(path)
+    intent = {"action": "write", "params": {"method": "PUT", "url": url, "body": "payload"}}
+    response = sidecar.api("POST", "/v1/intents", body=intent)
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["mode"], body["tier"], body["intent"]["rule"]) == ("passback", "T2", "items-write")
+    assert (body["instruction"]["method"], body["instruction"]["url"]) == ("PUT", url)
+    assert body["constraints"]["method"] == "PUT"
+
+    assert sidecar.approve(body["warrant_request"]["id"], "carol").status_code == 200
     approved = sidecar.api("POST", "/v1/intents", body=intent)
     assert approved.status_code == 200
     answer = approved.json()
     assert (answer["mode"], answer["status"]) == ("passback", "approved")
-    assert answer["warrant"] == sidecar.get_request(request["id"])["warrant"]
+    assert answer["warrant_id"]
 
-
-def test_intent_naming_a_request_classifies_the_request(sidecar: Sidecar, upstream: Upstream) -> None:
-    url = upstream.url("/items/" + unique("intent-url"))
-    response = sidecar.api(
-        "POST", "/v1/intents", body={"action": "write", "params": {"method": "PUT", "url": url, "body": "x"}}
-    )
-    assert response.status_code == 202
-    body = response.json()
-    assert (body["mode"], body["tier"], body["intent"]["rule"]) == ("passback", "T2", "items-write")
-    assert body["instruction"]["url"] == url
-    assert body["constraints"]["method"] == "PUT"
+    forwarded = sidecar.request("PUT", url, data=b"payload", warrant=answer["warrant"])
+    assert (forwarded.status_code, forwarded.headers["Vienna-Decision"]) == (200, "allow")
+    assert len(upstream.seen(path)) == 1
 
 
 def test_intent_for_a_deny_action_is_refused_403(sidecar: Sidecar) -> None:

@@ -279,3 +279,25 @@ def test_nested_secrets_are_redacted_and_named() -> None:
 def test_redaction_keeps_tuples_and_plain_values() -> None:
     assert redact((("cookie", "c"), 1, None)) == (("cookie", REDACTED), 1, None)
     assert redact("authorization") == "authorization"
+
+
+@given(
+    agent=st.text(max_size=20),
+    revision=st.text(max_size=20),
+    seq=st.integers(min_value=1, max_value=2**40),
+    ts=st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(min_value=0, max_value=2**40)),
+    payload=st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.integers(), st.text(max_size=8))),
+)
+def test_link_hash_equals_the_hash_of_the_canonical_body(
+    agent: str, revision: str, seq: int, ts: float, payload: dict[str, object]
+) -> None:
+    event = link(
+        prev_hash=GENESIS_HASH,
+        seq=seq,
+        ts=ts,
+        type="decision",
+        agent=agent,
+        policy_revision=revision,
+        payload=payload,
+    )
+    assert event.hash == chain_hash(GENESIS_HASH, event.body())

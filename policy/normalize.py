@@ -268,6 +268,22 @@ def _check_port(port: int) -> int:
     return port
 
 
+# A header value may hold visible ASCII, spaces, tabs and obs-text (RFC 9110 §5.5); CR, LF, NUL and the
+# other controls are refused: re-serialised upstream they would start a header (or a request) of their own.
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_header(name: str, value: str) -> tuple[str, str]:
+    if not name or not all(char in _TCHAR for char in name):
+        raise AmbiguousRequest("request.bad_header", f"header name {name[:40]!r} is not an HTTP token")
+    if _HEADER_VALUE_FORBIDDEN.search(value):
+        raise AmbiguousRequest(
+            "request.bad_header",
+            f"header {name[:40]!r} has a control character (CR, LF, NUL...) in its value",
+        )
+    return name.lower(), value
+
+
 def _canonical_resolved(address: str) -> str:
     parsed = parse_ip(address)
     if parsed is None:
@@ -297,7 +313,7 @@ def build_request(
         port=implied_port if port is None else _check_port(port),
         path=normalize_path(path),
         query=query,
-        headers=tuple((name.lower(), value) for name, value in headers),
+        headers=tuple(_check_header(name, value) for name, value in headers),
         body=body,
         address=None if address is None else _canonical_resolved(address),
     )

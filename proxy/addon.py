@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
-from mitmproxy.proxy import layer, layers
-from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode, _http1
 
 from policy import engine
 from policy.model import Decision, Request, Tier, Verdict
@@ -39,6 +43,17 @@ class _Refusal(Exception):
 class EnforcementAddon:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
+
+    def load(self, loader: Loader) -> None:
+        # mitmproxy buffers a whole request body before the request hook runs. With its limit set, a body
+        # announced or grown over --max-body-bytes is refused (413) at once instead of being buffered.
+        loader.master.options.update(body_size_limit=str(self.sidecar.settings.max_body_bytes))
+        # Test-only fault injection, read once at start-up: with VIENNA_TEST_FAULT=addon the addon
+        # raises right before forwarding an allowed request, so tests can prove that a raising addon
+        # refuses instead of letting mitmproxy forward on its own. It can only ever refuse more.
+        self._inject_fault = os.environ.get("VIENNA_TEST_FAULT") == "addon"
+        if self._inject_fault:
+            log.warning("VIENNA_TEST_FAULT=addon: every allowed request fails inside the addon (tests only)")
 
     # --- connection level ------------------------------------------------------------------------
 
@@ -90,6 +105,18 @@ class EnforcementAddon:
                         "bad_request",
                         "request.body_too_large",
                         f"request body over the {limit}-byte limit",
+                    ),
+                )
+            elif _transfer_codings(flow.request) not in ([], ["chunked"]):
+                # mitmproxy removes only the chunked framing; a body under another coding would be
+                # forwarded as if it had none, so it is refused rather than changed.
+                flow.response = self._refuse_early(
+                    flow,
+                    _Refusal(
+                        400,
+                        "bad_request",
+                        "request.bad_framing",
+                        "transfer codings other than chunked are not relayed",
                     ),
                 )
             elif flow.request.headers.get("upgrade"):
@@ -154,12 +181,15 @@ class EnforcementAddon:
             flow.request.raw_content is not None
             and len(flow.request.raw_content) > sidecar.settings.max_body_bytes
         ):
-            flow.response = plain_error(
-                413,
-                "bad_request",
-                "request.body_too_large",
-                "request body over the limit",
-                decision_id=decision_id,
+            # a chunked body has no Content-Length for requestheaders to refuse early; refuse (and audit) here
+            flow.response = self._refuse_early(
+                flow,
+                _Refusal(
+                    413,
+                    "bad_request",
+                    "request.body_too_large",
+                    f"request body over the {sidecar.settings.max_body_bytes}-byte limit",
+                ),
             )
             return
         unresolved: _Refusal | None = None
@@ -252,6 +282,8 @@ class EnforcementAddon:
             return
 
         # forward, then record the execution and observe it
+        if self._inject_fault:
+            raise RuntimeError("injected fault (VIENNA_TEST_FAULT=addon)")
         outgoing = [(k, v) for k, v in request.headers if k != WARRANT_HEADER]
         try:
             relayed = await sidecar.forwarder.send(request, outgoing)
@@ -487,6 +519,15 @@ class EnforcementAddon:
         )
 
 
+def _transfer_codings(request: http.Request) -> list[str]:
+    return [
+        token.strip().lower()
+        for value in request.headers.get_all("transfer-encoding")
+        for token in value.split(",")
+        if token.strip()
+    ]
+
+
 def _with_address(request: Request, address: str) -> Request:
     from dataclasses import replace
 
@@ -579,3 +620,66 @@ def _relayed_response(relayed: Any, request: Request, decision: str, decision_id
         timestamp_start=now,
         timestamp_end=now,
     )
+
+
+# --- mitmproxy hardening ---------------------------------------------------------------------------
+# mitmproxy answers some requests itself before any hook runs: smuggling-prone framing (CL+TE, duplicate
+# or bad Content-Length, unknown Transfer-Encoding), a malformed request line, a body over the limit.
+# Those answers keep the contract of every other refusal: JSON with a reason_code, Vienna-Decision: deny.
+# And it buffers a request head without bound (its own "FIXME: protect against header size DoS"), so
+# the head is capped here.
+
+MAX_REQUEST_HEAD = 64 * 1024
+_END_OF_HEAD = re.compile(rb"\n\r?\n")  # what mitmproxy's reader (h11's buffer) ends a head at
+
+
+def _protocol_reason_code(status: int, message: str) -> str:
+    text = message.lower()
+    if status == 413:
+        return "request.body_too_large"
+    if status == 431:
+        return "request.headers_too_large"
+    if any(word in text for word in ("content-length", "transfer-encoding", "chunk", "smuggling")):
+        return "request.bad_framing"
+    if "request line" in text:
+        return "request.bad_target"
+    if "header" in text:
+        return "request.bad_header"
+    return "request.malformed" if 400 <= status < 500 else "internal.error"
+
+
+def _protocol_error_response(status_code: int, message: str = "") -> bytes:
+    """Replaces mitmproxy's HTML error page for requests it refuses before any hook runs."""
+    response = plain_error(
+        status_code,
+        "bad_request" if 400 <= status_code < 500 else "denied",
+        _protocol_reason_code(status_code, message),
+        message.split(" Disable the ", 1)[0][:300] or "malformed request",  # no advice to turn checks off
+    )
+    response.headers["Connection"] = "close"
+    raw: bytes = assemble_response(response)  # type: ignore[no-untyped-call]
+    return raw
+
+
+_original_read_headers = _http1.Http1Server.read_headers
+
+
+def _read_headers_bounded(
+    self: _http1.Http1Server, event: events.ConnectionEvent
+) -> layer.CommandGenerator[None]:
+    if (
+        isinstance(event, events.DataReceived)
+        and len(self.buf) > MAX_REQUEST_HEAD
+        and _END_OF_HEAD.search(bytes(self.buf)[:MAX_REQUEST_HEAD]) is None
+    ):
+        yield commands.SendData(
+            self.conn, _protocol_error_response(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+        )
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+        return
+    yield from _original_read_headers(self, event)
+
+
+_http1.make_error_response = _protocol_error_response
+_http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]

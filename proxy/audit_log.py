@@ -80,7 +80,13 @@ class Recorder:
                 pass  # a closed stdout must not stop enforcement; the database holds the record
         self._since_checkpoint += 1
         if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except (OSError, StoreUnavailable) as exc:
+                # The event itself is recorded: failing here would make the caller refuse (or
+                # report an error for) a request already decided or executed. Still owed: the
+                # timer, or the next event, tries again.
+                log.error("audit checkpoint failed, will retry: %s", exc)
         return event
 
     def _schedule_flush(self) -> None:
@@ -103,7 +109,7 @@ class Recorder:
 
     def checkpoint(self) -> dict[str, object] | None:
         """Sign (size, head hash) so that cutting off the newest events becomes detectable."""
-        self.store.flush()
+        self.store.sync()  # what is signed is on disk first
         size, head = self.store.head
         if size == 0:
             return None

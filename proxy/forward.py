@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -36,6 +37,7 @@ _MAX_IDLE_PER_KEY = 32
 _IDLE_SECONDS = 30.0
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+_UNSAFE_IN_HEAD = re.compile(r"[\r\n\x00]")
 
 
 class UpstreamError(Exception):
@@ -324,7 +326,11 @@ def _parse_head(raw: bytes) -> tuple[str, int, str, list[tuple[str, str]]]:
 def _request_head(request: Request, headers: Iterable[tuple[str, str]]) -> bytes:
     target = request.path + (f"?{request.query}" if request.query else "")
     lines = [f"{request.method} {target} HTTP/1.1", f"Host: {request.authority}"]
-    lines.extend(f"{k}: {v}" for k, v in forwarded_headers(headers))
+    for key, value in forwarded_headers(headers):
+        if _UNSAFE_IN_HEAD.search(key) or _UNSAFE_IN_HEAD.search(value):
+            # Normalisation refuses these; a CR or LF written here would start a header of its own.
+            raise ValueError(f"header {key[:40]!r} cannot be written safely")
+        lines.append(f"{key}: {value}")
     if request.body or request.method not in _BODYLESS_METHODS:
         lines.append(f"Content-Length: {len(request.body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

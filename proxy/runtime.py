@@ -29,7 +29,7 @@ from proxy.keys import Operators, load_audit_key, load_operators, load_warrant_k
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings
-from proxy.store import Store
+from proxy.store import Store, StoreUnavailable
 from proxy.warrant_requests import WarrantRequests
 
 log = logging.getLogger("vienna")
@@ -211,7 +211,7 @@ async def _checkpoints(sidecar: Sidecar) -> None:
         if sidecar.recorder.dirty:
             try:
                 sidecar.recorder.checkpoint()
-            except OSError as exc:
+            except (OSError, StoreUnavailable) as exc:  # anything else uncaught would end this task for good
                 log.error("audit checkpoint failed: %s", exc)
 
 

@@ -143,6 +143,17 @@ class Store:
         with self._lock:
             self._flush_locked()
 
+    def sync(self) -> None:
+        """Commit queued events and force everything committed onto disk. With WAL and
+        synchronous=NORMAL a commit survives a crash of the process but not of the machine until
+        a WAL checkpoint syncs it; a signed audit checkpoint must never be ahead of that."""
+        with self._lock:
+            self._flush_locked()
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"audit store cannot sync: {exc}") from exc
+
     def _flush_locked(self) -> None:
         if not self._pending:
             return

@@ -134,7 +134,12 @@ class Sidecar:
     """One `vienna run` subprocess; stdout and stderr go to separate files."""
 
     def __init__(
-        self, workdir: Path, *, args: Sequence[str] = (), policy: str = POLICY, policy_file: Path | None = None
+        self,
+        workdir: Path,
+        *,
+        args: Sequence[str] = (),
+        policy: str = POLICY,
+        policy_file: Path | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,21 @@ def tls_upstream(tls_ca: trustme.CA) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="session")
+def untrusted_tls_upstream() -> Iterator[Upstream]:
+    """A TLS upstream whose certificate comes from a CA the sidecar was not told to trust."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost", "127.0.0.1", "::1").configure_cert(context)
+    server = Upstream(ssl_context=context)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def sidecar_ca_file(sidecar: Sidecar, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The main sidecar's interception CA, as an agent gets it from GET /v1/ca.pem."""
     response = sidecar.http.get(sidecar.api_url + "/v1/ca.pem", timeout=10)
-    assert response.status_code == 200
+    assert response.status_code == 200, (response.status_code, response.text, sidecar.log_text()[-3000:])
     path = tmp_path_factory.mktemp("sidecar-ca") / "ca.pem"
     path.write_bytes(response.content)
     return path
@@ -72,6 +83,8 @@ def sidecar(
             "2",
             "--max-body-bytes",
             "4096",
+            "--max-response-bytes",
+            "65536",
         ],
     ) as running:
         yield running

@@ -67,6 +67,11 @@ rules:
     match: {{hosts: {LOOPBACK_HOSTS}, methods: [PUT, POST], paths: ["/items/**"]}}
     action: demo.write_item
     tier: T2
+  - id: batch-write
+    match: {{hosts: {LOOPBACK_HOSTS}, methods: [POST], paths: ["/batch/{{batch}}/**"]}}
+    action: demo.batch_write
+    tier: T2
+    warrant: {{max_uses: 2, bind: path, ttl: 10m}}
   - id: delete-repo
     match: {{hosts: {LOOPBACK_HOSTS}, methods: [DELETE], paths: ["/repos/{{owner}}/{{repo}}"]}}
     action: demo.delete_repo
@@ -130,8 +135,9 @@ class Seen:
 class Upstream:
     """An aiohttp server on its own thread and loop that records every request it receives.
 
-    `/slow?seconds=N` answers after N seconds, `/redirect` answers 302 to `/landing`, anything else
-    answers 200 with a small JSON body. It listens on 127.0.0.1 and, when the host has it, ::1 on
+    `/slow?seconds=N` answers after N seconds, `/redirect` answers 302 to `/landing`, `/big?bytes=N`
+    answers N bytes, `/chunked` answers in chunked encoding, anything else answers 200 with a small
+    JSON body. It listens on 127.0.0.1 and, when the host has it, ::1 on
     the same port, so `localhost` reaches it whichever address the name resolves to.
     """
 
@@ -204,6 +210,16 @@ class Upstream:
             await asyncio.sleep(float(request.query.get("seconds", "2")))
         if path == "/redirect":
             return web.Response(status=302, headers={"Location": "/landing"})
+        if path == "/big":
+            return web.Response(body=b"z" * int(request.query["bytes"]))
+        if path == "/chunked":
+            streamed = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            streamed.enable_chunked_encoding()
+            await streamed.prepare(request)
+            for number in range(5):
+                await streamed.write(b"chunk-%d;" % number)
+            await streamed.write_eof()
+            return streamed
         return web.json_response({"ok": True, "method": request.method, "path": path})
 
 
@@ -328,6 +344,8 @@ class Sidecar:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; returns the exit status (killing it only if it hangs)."""
+        self.http.close()  # the sidecar's shutdown need not cut our idle keep-alive connections
+        self.proxied.close()
         if self.process is not None:
             process, self.process = self.process, None
             if process.poll() is None:
@@ -341,8 +359,6 @@ class Sidecar:
         if self._log is not None:
             self._log.close()
             self._log = None
-        self.http.close()
-        self.proxied.close()
         assert self.returncode is not None, "never started"
         return self.returncode
 
@@ -425,6 +441,25 @@ class Sidecar:
         warrant = self.get_request(request_id).get("warrant")
         assert isinstance(warrant, str), "no warrant after the approvals"
         return warrant
+
+
+def raw_connect(proxy_port: int, authority: str) -> ProxyAnswer:
+    """Send a bare CONNECT and read the proxy's own answer (clients hide a refused CONNECT's body)."""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+        return ProxyAnswer(status=int(lines[0].split()[1]), headers=headers, body=body[:length])
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import (
     AGENT_ID,
     TOKENS,
@@ -124,6 +126,87 @@ def test_host_header_disagreeing_with_the_target_is_refused_400(sidecar: Sidecar
     refused = sidecar.request("GET", upstream.url(path), headers={"Host": "localhost:1"})
     assert_refused(refused, 400, "bad_request", "request.host_mismatch")
     assert upstream.seen(path) == []
+
+
+def test_head_is_relayed_with_the_upstream_length_and_no_body(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/" + unique("head")
+    response = sidecar.request("HEAD", upstream.url(path))
+    assert (response.status_code, response.headers["Vienna-Decision"]) == (200, "allow")
+    assert int(response.headers["Content-Length"]) > 0
+    assert response.content == b""
+    assert [seen.method for seen in upstream.seen(path)] == ["HEAD"]
+
+
+def test_chunked_upstream_response_is_relayed_whole(sidecar: Sidecar, upstream: Upstream) -> None:
+    response = sidecar.request("GET", upstream.url("/chunked"))
+    assert response.status_code == 200
+    assert response.content == b"chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;"
+    assert response.headers["Content-Length"] == str(len(response.content))
+
+
+def test_upstream_response_over_max_response_bytes_is_answered_502(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    assert sidecar.request("GET", upstream.url("/big?bytes=60000")).content == b"z" * 60000
+    response = sidecar.request("GET", upstream.url("/big?bytes=70000"))
+    assert response.status_code == 502
+    assert response.headers["Vienna-Decision"] == "deny"
+    assert (response.json()["error"], response.json()["reason_code"]) == (
+        "upstream_error",
+        "upstream.too_large",
+    )
+
+
+def test_duplicate_warrant_headers_are_refused_400(
+    sidecar: Sidecar, upstream: Upstream, tmp_path: Path
+) -> None:
+    path = "/" + unique("two-warrants")
+    status, headers, body = curl(
+        sidecar, tmp_path, "-H", "Vienna-Warrant: a", "-H", "Vienna-Warrant: b", upstream.url(path)
+    )
+    assert (status, headers["vienna-decision"]) == (400, "deny")
+    assert json.loads(body)["reason_code"] == "request.duplicate_warrant"
+    assert upstream.seen(path) == []
+
+
+def test_protocol_upgrade_is_refused_400(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/" + unique("upgrade")
+    refused = sidecar.request(
+        "GET", upstream.url(path), headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+    )
+    assert_refused(refused, 400, "bad_request", "request.upgrade")
+    assert upstream.seen(path) == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "reason_code", "forwarded"),
+    [
+        ("/items/../forbidden/{id}", 403, "policy.deny", None),  # classified as what it resolves to
+        ("/forbidden/%2e%2e/{id}", 200, None, "/{id}"),  # encoded dot-segments resolve too, and that is sent
+        ("/{id}/./x/../y", 200, None, "/{id}/y"),
+        ("/{id}/a%2fb", 400, "request.ambiguous_path", None),  # an encoded slash is never guessed at
+        ("/{id}/a\\b", 400, "request.ambiguous_path", None),
+    ],
+)
+def test_what_is_classified_is_exactly_what_is_forwarded(
+    sidecar: Sidecar,
+    upstream: Upstream,
+    tmp_path: Path,
+    sent: str,
+    status: int,
+    reason_code: str | None,
+    forwarded: str | None,
+) -> None:
+    marker = unique("norm")
+    got, headers, body = curl(sidecar, tmp_path, "--path-as-is", upstream.url(sent.format(id=marker)))
+    assert got == status, body
+    if reason_code is not None:
+        assert headers["vienna-decision"] == "deny"
+        assert json.loads(body)["reason_code"] == reason_code
+        assert not any(marker in seen.path for seen in upstream.seen())
+    else:
+        assert forwarded is not None
+        assert [seen.path for seen in upstream.seen() if marker in seen.path] == [forwarded.format(id=marker)]
 
 
 def test_every_decision_is_in_the_audit_log_and_on_stdout(sidecar: Sidecar, upstream: Upstream) -> None:

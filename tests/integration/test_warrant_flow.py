@@ -196,27 +196,79 @@ def test_mismatched_attempts_do_not_use_up_the_warrant(sidecar: Sidecar, upstrea
     assert len(upstream.seen(path)) == 1
 
 
-async def test_twenty_concurrent_retries_with_one_warrant_reach_the_upstream_once(
-    sidecar: Sidecar, upstream: Upstream
+@pytest.mark.parametrize(("path_prefix", "max_uses"), [("/items/", 1), ("/batch/race/", 2)])
+async def test_twenty_concurrent_retries_with_one_warrant_reach_the_upstream_max_uses_times(
+    sidecar: Sidecar, upstream: Upstream, path_prefix: str, max_uses: int
 ) -> None:
-    path = "/items/" + unique("race")
+    path = path_prefix + unique("race")
     url = upstream.url(path)
-    warrant = sidecar.obtain_warrant("PUT", url, data=BODY)
+    warrant = sidecar.obtain_warrant("POST", url, data=BODY)
 
     async with aiohttp.ClientSession() as session:
 
         async def attempt() -> tuple[int, str, dict[str, object]]:
-            async with session.put(
+            async with session.post(
                 url, data=BODY, headers={"Vienna-Warrant": warrant}, proxy=sidecar.proxy_url
             ) as response:
                 return response.status, response.headers["Vienna-Decision"], await response.json()
 
         answers = await asyncio.gather(*(attempt() for _ in range(20)))
 
-    assert sorted(status for status, _, _ in answers) == [200] + [403] * 19
+    assert sorted(status for status, _, _ in answers) == [200] * max_uses + [403] * (20 - max_uses)
     assert {decision for status, decision, _ in answers if status == 403} == {"deny"}
     assert {body["reason_code"] for status, _, body in answers if status == 403} == {"warrant.replayed"}
-    assert len(upstream.seen(path)) == 1
+    assert len(upstream.seen(path)) == max_uses
+
+
+async def test_concurrent_identical_requests_share_one_warrant_request(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    path = "/items/" + unique("same-passback")
+    async with aiohttp.ClientSession() as session:
+
+        async def attempt() -> str:
+            async with session.put(upstream.url(path), data=BODY, proxy=sidecar.proxy_url) as response:
+                assert response.status == 403
+                body = await response.json()
+                return str(body["warrant_request"]["id"])
+
+        answers = await asyncio.gather(*(attempt() for _ in range(10)))
+
+    assert len(set(answers)) == 1
+    assert upstream.seen(path) == []
+
+
+def test_path_bound_warrant_covers_other_queries_and_bodies_up_to_max_uses(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    """Rule `batch-write` has `warrant: {max_uses: 2, bind: path, ttl: 10m}`."""
+    path = "/batch/" + unique("bound") + "/run"
+    passback = sidecar.request("POST", upstream.url(path + "?n=1"), data=b"first").json()
+    assert passback["constraints"] == {
+        "method": "POST",
+        "scheme": "http",
+        "host": "127.0.0.1",
+        "port": upstream.port,
+        "path": path,
+        "max_uses": 2,
+    }
+    request_id = passback["warrant_request"]["id"]
+    assert sidecar.approve(request_id, "alice").status_code == 200
+    state = sidecar.get_request(request_id)
+    assert 599 <= state["warrant_expires_at"] - state["votes"][0]["at"] <= 600  # the rule's ttl: 10m
+    warrant = state["warrant"]
+
+    elsewhere = sidecar.request("POST", upstream.url(path + "-other"), data=b"x", warrant=warrant)
+    assert_refused(elsewhere, 403, "warrant_invalid", "warrant.mismatch.path")
+    for query, body in (("n=2", b"second"), ("n=3", b"third")):
+        used = sidecar.request("POST", upstream.url(f"{path}?{query}"), data=body, warrant=warrant)
+        assert used.status_code == 200
+    third = sidecar.request("POST", upstream.url(path + "?n=4"), data=b"fourth", warrant=warrant)
+    assert_refused(third, 403, "warrant_invalid", "warrant.replayed")
+    assert [(seen.query, seen.body) for seen in upstream.seen(path)] == [
+        ("n=2", b"second"),
+        ("n=3", b"third"),
+    ]
 
 
 # --- HTTPS through CONNECT ------------------------------------------------------------------------
@@ -250,6 +302,19 @@ def test_https_t2_gets_the_passback_inside_the_tunnel_then_goes_through_with_the
     assert (forwarded.status_code, forwarded.headers["Vienna-Decision"]) == (200, "allow")
     [seen] = tls_upstream.seen(path)
     assert "vienna-warrant" not in seen.header_names
+
+
+def test_https_upstream_with_an_untrusted_certificate_is_answered_502(
+    sidecar: Sidecar, untrusted_tls_upstream: Upstream, sidecar_ca_file: Path
+) -> None:
+    path = "/" + unique("untrusted")
+    response = sidecar.request(
+        "GET", untrusted_tls_upstream.url(path, host="localhost"), verify=str(sidecar_ca_file)
+    )
+    assert response.status_code == 502
+    assert response.headers["Vienna-Decision"] == "deny"
+    assert response.json()["reason_code"] == "upstream.tls"
+    assert untrusted_tls_upstream.seen(path) == []
 
 
 def test_https_t3_gets_the_passback_inside_the_tunnel(

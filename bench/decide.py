@@ -182,12 +182,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--iterations", type=int, default=0, help="calls per measurement")
-    parser.add_argument("--freeze", action="store_true", help="gc.freeze() after each policy load")
     args = parser.parse_args()
     iterations = args.iterations or (2_000 if args.quick else 20_000)
 
-    frozen = ", gc.freeze() after load" if args.freeze else ""
-    print(f"Python {sys.version.split()[0]}; {iterations} calls per row{frozen}; times in µs\n")
+    print(f"Python {sys.version.split()[0]}; {iterations} calls per row; times in µs\n")
     print("| rules | scenario | verdict | tier | p50 µs | p99 µs |")
     print("|---:|---|---|---|---:|---:|")
     loads: list[str] = []
@@ -197,8 +195,6 @@ def main() -> int:
         rules = load_rules(text, file=f"bench-{size}.yaml")
         loads.append(f"{size:,} rules: load_rules {time.perf_counter() - started:.2f} s")
         gc.collect()  # the YAML parser's garbage is not decide()'s to pay for
-        if args.freeze:
-            gc.freeze()  # what a long-running proxy can do after a load: gen-2 passes skip the rules
         if len(rules.rules) != size:
             print(f"generated {len(rules.rules)} rules, wanted {size}", file=sys.stderr)
             return 1

@@ -79,6 +79,10 @@ def _decide(
     issuer: str,
 ) -> Decision:
     found = classify(request, rules, agent=agent)
+    if found.tier is Tier.DENY:
+        return _decision(
+            found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"
+        )
     if destination_is_internal(request, rules):
         return _decision(
             found,
@@ -87,10 +91,6 @@ def _decide(
             "destination.internal",
             f"{request.host} is an internal address and no rule names it",
             tier=Tier.DENY,
-        )
-    if found.tier is Tier.DENY:
-        return _decision(
-            found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"
         )
     if not found.tier.needs_warrant:
         return _decision(found, rules, Verdict.ALLOW, found.reason_code, found.reason)

@@ -490,7 +490,9 @@ def _build(rules: list[Rule], default_tier: Tier, text: str, file: str) -> RuleS
             entries = bucket.setdefault(pattern.host, [])
             if not entries or entries[-1] != position:
                 entries.append(position)
-            if not pattern.wildcard:
+            # Only a rule that can let traffic through opens an internal host: naming a host in
+            # a deny rule must not make it reachable for the requests that rule does not match.
+            if not pattern.wildcard and rule.tier is not Tier.DENY:
                 named.add(pattern.host)
     return RuleSet(
         version=1,

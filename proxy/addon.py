@@ -43,17 +43,17 @@ class _Refusal(Exception):
 class EnforcementAddon:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
-
-    def load(self, loader: Loader) -> None:
-        # mitmproxy buffers a whole request body before the request hook runs. With its limit set, a body
-        # announced or grown over --max-body-bytes is refused (413) at once instead of being buffered.
-        loader.master.options.update(body_size_limit=str(self.sidecar.settings.max_body_bytes))
         # Test-only fault injection, read once at start-up: with VIENNA_TEST_FAULT=addon the addon
         # raises right before forwarding an allowed request, so tests can prove that a raising addon
         # refuses instead of letting mitmproxy forward on its own. It can only ever refuse more.
         self._inject_fault = os.environ.get("VIENNA_TEST_FAULT") == "addon"
         if self._inject_fault:
             log.warning("VIENNA_TEST_FAULT=addon: every allowed request fails inside the addon (tests only)")
+
+    def load(self, loader: Loader) -> None:
+        # mitmproxy buffers a whole request body before the request hook runs. With its limit set, a body
+        # announced or grown over --max-body-bytes is refused (413) at once instead of being buffered.
+        loader.master.options.update(body_size_limit=str(self.sidecar.settings.max_body_bytes))
 
     # --- connection level ------------------------------------------------------------------------
 
@@ -207,14 +207,6 @@ class EnforcementAddon:
             keys=sidecar.keys,
             now=sidecar.clock(),
         )
-        if warrant is not None and decision.tier.needs_warrant:
-            result = (
-                "valid"
-                if decision.verdict is Verdict.ALLOW
-                else decision.reason_code.removeprefix("warrant.")
-            )
-            sidecar.metrics.warrant_checks.labels(result=result).inc()
-
         # act
         if unresolved is not None and (decision.forwards or sidecar.settings.dryrun):
             self._record_decision(
@@ -230,9 +222,8 @@ class EnforcementAddon:
             if not sidecar.store.consume_warrant(
                 decision.warrant_id, decision.warrant_max_uses, sidecar.clock()
             ):
-                sidecar.metrics.warrant_checks.labels(result="replayed").inc()
                 decision = _replace_verdict(
-                    decision, Verdict.WARRANT_INVALID, "warrant.replayed", "warrant already used up"
+                    decision, Verdict.WARRANT_INVALID, "warrant.replayed", "warrant already used up (replay)"
                 )
                 label = decision.verdict.value
         elif decision.verdict is Verdict.ALLOW and decision.tier is Tier.T1:
@@ -246,6 +237,10 @@ class EnforcementAddon:
             )
             warrant_request = sidecar.warrant_requests.summary(stored)
 
+        if warrant is not None and decision.tier.needs_warrant:
+            valid = decision.verdict is Verdict.ALLOW
+            result = "valid" if valid else decision.reason_code.removeprefix("warrant.")
+            sidecar.metrics.warrant_checks.labels(result=result).inc()
         forwards = decision.forwards and status == 200
         dryrun_forward = (
             not forwards and sidecar.settings.dryrun and decision.verdict is not Verdict.BAD_REQUEST

@@ -45,6 +45,7 @@ class Recorder:
         self._clock = clock
         self._since_checkpoint = 0
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._unpublished: list[str] = []  # stdout lines of events not committed yet, in chain order
 
     def record(
         self,
@@ -70,14 +71,11 @@ class Recorder:
             self._schedule_flush()
         self.metrics.audit_events.labels(type=type).inc()
         if self._stdout is not None:
-            line = json.dumps(
-                {"log": "vienna.audit", **event.as_dict()}, separators=(",", ":"), sort_keys=True
+            self._unpublished.append(
+                json.dumps({"log": "vienna.audit", **event.as_dict()}, separators=(",", ":"), sort_keys=True)
             )
-            try:
-                self._stdout.write(line + "\n")
-                self._stdout.flush()
-            except (OSError, ValueError):
-                pass  # a closed stdout must not stop enforcement; the database holds the record
+            if self.store.pending == 0:
+                self._publish()
         self._since_checkpoint += 1
         if self._since_checkpoint >= self._checkpoint_every:
             try:
@@ -106,10 +104,25 @@ class Recorder:
         except StoreUnavailable as exc:
             log.error("audit write-behind failed, retrying: %s", exc)
             self._schedule_flush()
+            return
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the stdout lines of committed events. Never earlier: a line for an event that a
+        crash then takes back would, after a restart, share its seq with a different event."""
+        if self._stdout is None or not self._unpublished:
+            return
+        lines, self._unpublished = self._unpublished, []
+        try:
+            self._stdout.write("".join(line + "\n" for line in lines))
+            self._stdout.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not stop enforcement; the database holds the record
 
     def checkpoint(self) -> dict[str, object] | None:
         """Sign (size, head hash) so that cutting off the newest events becomes detectable."""
         self.store.sync()  # what is signed is on disk first
+        self._publish()
         size, head = self.store.head
         if size == 0:
             return None

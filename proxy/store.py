@@ -25,6 +25,11 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+"""
+
+# Operational state lives in its own file: a copy of audit.db handed to an auditor must not carry
+# minted warrants (bearer tokens) or anything else that could be replayed.
+_STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS warrant_requests (
     id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -80,6 +85,12 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(_SCHEMA)
+        self._state = sqlite3.connect(
+            str(path.with_name("state.db")), isolation_level=None, check_same_thread=False, timeout=2.0
+        )
+        self._state.execute("PRAGMA journal_mode=WAL")
+        self._state.execute(f"PRAGMA synchronous={synchronous}")
+        self._state.executescript(_STATE_SCHEMA)
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         self._head_seq: int = row[0] if row else 0
         self._head_hash: str = row[1] if row else GENESIS_HASH
@@ -91,6 +102,7 @@ class Store:
                 self._flush_locked()
             finally:
                 self._db.close()
+                self._state.close()
 
     @property
     def head(self) -> tuple[int, str]:
@@ -206,7 +218,7 @@ class Store:
 
     def find_open_request(self, agent: str, fingerprint: str, now: float) -> StoredRequest | None:
         """A pending (or approved, still usable) request for the same agent and request."""
-        rows = self._db.execute(
+        rows = self._state.execute(
             "SELECT * FROM warrant_requests WHERE agent = ? AND fingerprint = ? AND status IN ('pending', 'approved')"
             " ORDER BY created_at DESC",
             (agent, fingerprint),
@@ -223,17 +235,17 @@ class Store:
     def _warrant_usable(self, stored: StoredRequest, now: float) -> bool:
         if stored.warrant_expires_at is not None and now >= stored.warrant_expires_at:
             return False
-        row = self._db.execute(
+        row = self._state.execute(
             "SELECT uses, max_uses FROM warrant_uses WHERE jti = ?", (stored.warrant_id,)
         ).fetchone()
         return row is None or row[0] < row[1]
 
     def get_request(self, request_id: str) -> StoredRequest | None:
-        row = self._db.execute("SELECT * FROM warrant_requests WHERE id = ?", (request_id,)).fetchone()
+        row = self._state.execute("SELECT * FROM warrant_requests WHERE id = ?", (request_id,)).fetchone()
         return _row_to_request(row) if row else None
 
     def list_requests(self, status: str | None, now: float, limit: int = 500) -> list[StoredRequest]:
-        rows = self._db.execute(
+        rows = self._state.execute(
             "SELECT * FROM warrant_requests ORDER BY created_at DESC LIMIT ?", (limit,)
         ).fetchall()
         found = [_row_to_request(row) for row in rows]
@@ -242,7 +254,7 @@ class Store:
         return [item for item in found if item.state.effective_status(now).value == status]
 
     def count_pending(self, now: float) -> int:
-        row = self._db.execute(
+        row = self._state.execute(
             "SELECT COUNT(*) FROM warrant_requests WHERE status = 'pending' AND expires_at > ?", (now,)
         ).fetchone()
         return int(row[0])
@@ -251,7 +263,7 @@ class Store:
         state = stored.state
         try:
             with self._lock:
-                self._db.execute(
+                self._state.execute(
                     "INSERT OR REPLACE INTO warrant_requests (id, agent, fingerprint, tier, intent, request, rule_id,"
                     " status, created_at, expires_at, votes, warrant, warrant_id, warrant_expires_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -281,7 +293,7 @@ class Store:
         """Atomically count one use of warrant `jti`; False when it is already used up (a replay)."""
         try:
             with self._lock:
-                cursor = self._db.execute(
+                cursor = self._state.execute(
                     "INSERT INTO warrant_uses (jti, uses, max_uses, first_used_at) VALUES (?, 1, ?, ?)"
                     " ON CONFLICT(jti) DO UPDATE SET uses = uses + 1 WHERE uses < max_uses",
                     (jti, max_uses, now),
@@ -291,7 +303,7 @@ class Store:
             raise StoreUnavailable(f"warrant store cannot write: {exc}") from exc
 
     def warrant_uses(self, jti: str) -> int:
-        row = self._db.execute("SELECT uses FROM warrant_uses WHERE jti = ?", (jti,)).fetchone()
+        row = self._state.execute("SELECT uses FROM warrant_uses WHERE jti = ?", (jti,)).fetchone()
         return int(row[0]) if row else 0
 
 

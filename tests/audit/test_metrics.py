@@ -32,7 +32,7 @@ def test_histograms_count_decisions_and_upstream_calls(scripted: ScriptedRun) ->
     assert final.value("vienna_upstream_seconds_count") == 4  # 3 reads and the warranted delete
     assert final.value("vienna_decision_seconds_bucket", le="+Inf") == 9
     assert final.value("vienna_upstream_seconds_bucket", le="+Inf") == 4
-    assert 0 < final.value("vienna_decision_seconds_sum") < 9 * 0.05
+    assert 0 < final.value("vienna_decision_seconds_sum") < 9 * 1.0
     # explicit buckets, in seconds
     decision_buckets = {dict(labels)["le"] for labels in final.by_labels("vienna_decision_seconds_bucket")}
     assert {"0.001", "0.01", "+Inf"} <= decision_buckets
@@ -47,11 +47,6 @@ def test_warrant_approval_and_pending_metrics(scripted: ScriptedRun) -> None:
     assert scripted.metrics_final.value("vienna_warrant_checks_total", result="replayed") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (proxy/addon.py): a replayed warrant is counted as result=valid before consume_warrant "
-    "refuses it, and then again as result=replayed; valid should count only warrants that were used",
-)
 def test_a_replayed_warrant_counts_once_as_replayed_and_not_as_valid(scripted: ScriptedRun) -> None:
     assert scripted.metrics_final.by_labels("vienna_warrant_checks_total") == {
         _labels(result="valid"): 1,

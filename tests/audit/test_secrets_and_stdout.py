@@ -18,12 +18,6 @@ SECRET_NAMES = [
     "operator token alice",
     "operator token bob",
 ]
-_TOKEN_IN_STATE_TABLE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG (proxy/warrant_requests.py + proxy/store.py): the minted warrant token is persisted in "
-    "audit.db's warrant_requests.warrant column, so a copy of audit.db handed to an auditor carries a "
-    "usable bearer warrant; the audit *events* only carry its id and sha256",
-)
 
 
 def _audit_table(scripted: ScriptedRun) -> str:
@@ -41,10 +35,7 @@ def test_no_secret_in_audit_events_checkpoints_stdout_or_stderr(scripted: Script
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=_TOKEN_IN_STATE_TABLE) if name.startswith("warrant") else name
-        for name in SECRET_NAMES
-    ],
+    [name for name in SECRET_NAMES],
 )
 def test_no_secret_anywhere_in_the_audit_database(scripted: ScriptedRun, name: str) -> None:
     """The whole dump (every table), and the raw file bytes (free pages keep old row versions)."""

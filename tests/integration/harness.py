@@ -36,7 +36,8 @@ TOKENS: dict[str, str] = {
 LOOPBACK_HOSTS = '["127.0.0.1", "localhost"]'
 READY_TIMEOUT = 30.0
 
-# The policy most tests run against: every tier, a rate limit, a `when` that cannot be evaluated.
+# The policy most tests run against: every tier, a rate limit, a `when` that cannot be evaluated,
+# and a rule whose warrants are bound to the path and good for two uses.
 STANDARD_POLICY = f"""\
 version: 1
 default_tier: T3

@@ -57,7 +57,7 @@ def test_t1_rule_over_its_rate_is_refused_429_with_retry_after(sidecar: Sidecar,
     assert statuses == [200, 200]
     refused = sidecar.request("POST", upstream.url(path), data=b"x")
     body = assert_refused(refused, 429, "rate_limited", "policy.rate_limited")
-    assert int(refused.headers["Retry-After"]) >= 1
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert body["tier"] == "T1"
     assert body["intent"]["rule"] == "limited"
     assert len(upstream.seen(path)) == 2
@@ -92,12 +92,12 @@ def test_upstream_slower_than_the_upstream_timeout_is_answered_504(
     sidecar: Sidecar, upstream: Upstream
 ) -> None:
     started = time.monotonic()
-    response = sidecar.request("GET", upstream.url("/slow?seconds=2.5"))
+    response = sidecar.request("GET", upstream.url("/slow?seconds=6"))
     assert response.status_code == 504
     assert response.headers["Vienna-Decision"] == "deny"
     body = response.json()
     assert (body["error"], body["reason_code"]) == ("upstream_timeout", "upstream.timeout")
-    assert time.monotonic() - started < 2.4  # answered at the 1 s timeout, not when the upstream was done
+    assert time.monotonic() - started < 5  # answered at the 1 s timeout, not when the upstream was done
 
 
 def test_body_over_max_body_bytes_with_content_length_is_refused_413(
@@ -226,6 +226,37 @@ def test_every_decision_is_in_the_audit_log_and_on_stdout(sidecar: Sidecar, upst
     assert any(line.get("payload", {}).get("decision_id") == decision_id for line in lines)
 
 
+# Refusals made once a request is parsed. (Those mitmproxy makes at the protocol level — a body over
+# --max-body-bytes, bad framing, an oversize head — are answered before any hook and are not audited.)
+REFUSALS: dict[str, tuple[str, str, dict[str, str], bytes | None]] = {
+    # name: (method, path, headers, body)
+    "host_mismatch": ("GET", "/{id}", {"Host": "localhost:1"}, None),
+    "upgrade": ("GET", "/{id}", {"Upgrade": "websocket", "Connection": "Upgrade"}, None),
+    "deny_tier": ("GET", "/forbidden/{id}", {}, None),
+    "warrant_required": ("PUT", "/items/{id}", {}, b"x"),
+    "warrant_invalid": ("PUT", "/items/{id}", {"Vienna-Warrant": "a.b.c"}, b"x"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_every_refusal_is_in_the_audit_log_with_its_decision_id(
+    sidecar: Sidecar, upstream: Upstream, kind: str
+) -> None:
+    method, path, headers, body = REFUSALS[kind]
+    refused = sidecar.request(method, upstream.url(path.format(id=unique(kind))), headers=headers, data=body)
+    assert refused.status_code in (400, 403)
+    decision_id = refused.headers["Vienna-Decision-Id"]
+    assert refused.json()["decision_id"] == decision_id
+    events = sidecar.api("GET", "/v1/audit?after=0&limit=10000", token=TOKENS["alice"]).json()["events"]
+    recorded = [
+        event
+        for event in events
+        if event["type"] == "decision" and event["payload"]["decision_id"] == decision_id
+    ]
+    assert len(recorded) == 1, f"no audited decision {decision_id} for a {kind} refusal"
+    assert recorded[0]["payload"]["forwarded"] is False
+
+
 def test_audit_log_needs_an_operator_token(sidecar: Sidecar) -> None:
     assert sidecar.api("GET", "/v1/audit").status_code == 401
     assert sidecar.api("GET", "/v1/audit", token="not-a-token").status_code == 401
@@ -244,7 +275,9 @@ def curl(sidecar: Sidecar, tmp_path: Path, *args: str) -> tuple[int, dict[str, s
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    lines = headers_file.read_text().splitlines()
+    # through CONNECT the file holds the proxy's "200 Connection established" block first: use the last
+    blocks = [block for block in headers_file.read_text().split("\n\n") if block.strip()]
+    lines = blocks[-1].splitlines()
     status = int(lines[0].split()[1])
     headers = {}
     for line in lines[1:]:
@@ -281,4 +314,25 @@ def test_curl_t3_gets_the_passback_then_goes_through_with_the_warrant(
     )
     assert (status, headers["vienna-decision"]) == (200, "allow")
     [seen] = upstream.seen(path)
+    assert "vienna-warrant" not in seen.header_names
+
+
+def test_curl_over_https_and_http2_gets_the_passback_then_goes_through_with_the_warrant(
+    sidecar: Sidecar, tls_upstream: Upstream, sidecar_ca_file: Path, tmp_path: Path
+) -> None:
+    path = "/repos/acme/" + unique("curl-h2")
+    url = tls_upstream.url(path, host="localhost")
+    tls = ("--http2", "--cacert", str(sidecar_ca_file), "-X", "DELETE")
+    status, headers, body = curl(sidecar, tmp_path, *tls, url)
+    assert (status, headers["vienna-decision"]) == (403, "deny")
+    passback = json.loads(body)
+    assert (passback["error"], passback["constraints"]["scheme"]) == ("warrant_required", "https")
+    request_id = passback["warrant_request"]["id"]
+    for who in ("alice", "bob"):
+        assert sidecar.approve(request_id, who).status_code == 200
+    warrant = sidecar.get_request(request_id)["warrant"]
+
+    status, headers, _ = curl(sidecar, tmp_path, *tls, "-H", f"Vienna-Warrant: {warrant}", url)
+    assert (status, headers["vienna-decision"]) == (200, "allow")
+    [seen] = tls_upstream.seen(path)
     assert "vienna-warrant" not in seen.header_names

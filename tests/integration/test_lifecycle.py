@@ -125,6 +125,22 @@ def test_sigterm_exits_0_within_seconds_and_leaves_an_intact_audit_chain(
     assert verified.stdout.startswith("ok:")
 
 
+def test_audit_chain_of_the_shared_sidecar_verifies_while_it_runs(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    assert sidecar.request("GET", upstream.url("/" + unique("chain"))).status_code == 200
+    verified = subprocess.run(
+        [str(VIENNA), "audit", "verify", str(sidecar.data_dir / "audit.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("ok:")
+
+
 def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, upstream: Upstream) -> None:
     sidecar = Sidecar(tmp_path, audit_stdout=False)
     sidecar.start()

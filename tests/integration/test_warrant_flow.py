@@ -72,7 +72,10 @@ def test_t3_needs_two_distinct_operators_and_a_justification(sidecar: Sidecar, u
 
     twice = sidecar.approve(request_id, "alice")
     assert twice.status_code == 409
-    assert twice.json()["reason_code"] == "approval.duplicate_vote"
+    assert (twice.json()["error"], twice.json()["reason_code"]) == (
+        "duplicate_vote",
+        "approval.duplicate_vote",
+    )
 
     unjustified = sidecar.approve(request_id, "bob", justification="   ")
     assert unjustified.status_code == 400
@@ -81,9 +84,9 @@ def test_t3_needs_two_distinct_operators_and_a_justification(sidecar: Sidecar, u
     bad_token = sidecar.api(
         "POST", f"/v1/warrant-requests/{request_id}/approve", token="not-a-token", body={"justification": "x"}
     )
-    assert bad_token.status_code == 401
+    assert (bad_token.status_code, bad_token.json()["error"]) == (401, "unauthorized")
     no_token = sidecar.api("POST", f"/v1/warrant-requests/{request_id}/approve", body={"justification": "x"})
-    assert no_token.status_code == 401
+    assert (no_token.status_code, no_token.json()["error"]) == (401, "unauthorized")
 
     assert sidecar.get_request(request_id)["approvals"] == 1  # none of the refused votes counted
     assert upstream.seen(path) == []

@@ -68,7 +68,7 @@ version: 1
 default_tier: T0
 rules:
   - id: internal-names
-    match: {hosts: ["*.internal"]}
+    match: {hosts: ["*.google.internal", "*.cluster.local"]}
     action: cloud.metadata
     tier: deny
   - id: read-anything

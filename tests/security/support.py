@@ -419,10 +419,16 @@ def connect_tunnel(
             break
         head += chunk
     if not head.startswith(b"HTTP/1.1 200"):
-        rest = read_responses(sock, expect=1, timeout=2) if b"\r\n\r\n" not in head else []
-        sock.close()
+        sock.settimeout(5)
         parsed, _ = parse_responses(head)
-        return None, (parsed or rest or [None])[0]
+        while not parsed:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            head += chunk
+            parsed, _ = parse_responses(head)
+        sock.close()
+        return None, parsed[0] if parsed else None
     context = ssl.create_default_context(cafile=str(ca_file))
     context.check_hostname = False  # the name checks under test are the sidecar's, not the client's
     return context.wrap_socket(sock, server_hostname=server_name), None
@@ -561,3 +567,22 @@ def raw_request(
     if close:
         lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def exchange_until_closed(port: int, data: bytes, *, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Write `data`, read everything until the proxy closes: (bytes read, whether it closed in time)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return received, False
+            except ConnectionResetError:
+                return received, True
+            if not chunk:
+                return received, True
+            received += chunk
+        return received, False

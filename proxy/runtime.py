@@ -232,9 +232,9 @@ async def serve(settings: Settings) -> int:
         master.options.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_file))
 
     app = make_app(sidecar, ca_cert=ca_cert_path(settings))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.api_host, settings.api_port, shutdown_timeout=5.0)
+    site = web.TCPSite(runner, settings.api_host, settings.api_port)
     await site.start()
     sidecar.api_listening = True
 

@@ -123,7 +123,9 @@ def test_alternate_ipv4_form_is_forwarded_under_its_canonical_name(
 def test_port_spellings(main: Sidecar, upstream: Upstream, port: str, status: int, code: str) -> None:
     marker = unique("h")
     authority = f"127.0.0.1:{port.replace('PORT', str(upstream.port))}"
-    request = f"GET http://{authority}/admin/{marker} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    request = (
+        f"GET http://{authority}/admin/{marker} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
     assert_refused(one(main.exchange(request.encode())), status, code)
     assert not upstream.seen_containing(marker)
 
@@ -215,7 +217,9 @@ def test_connect_target_inner_host_and_sni_must_agree(
     assert not tls_upstream.seen_containing(marker)
 
 
-def test_connect_target_inner_host_and_sni_agreeing_is_forwarded(main: Sidecar, tls_upstream: Upstream) -> None:
+def test_connect_target_inner_host_and_sni_agreeing_is_forwarded(
+    main: Sidecar, tls_upstream: Upstream
+) -> None:
     """The control for the cases above: same name three times goes through, TLS to the upstream verified."""
     marker = unique("t")
     tunnel, refusal = connect_tunnel(
@@ -242,7 +246,10 @@ def test_bad_connect_targets_are_refused_before_any_tunnel(
     main: Sidecar, tls_upstream: Upstream, target: str, status: int, code: str
 ) -> None:
     tunnel, refusal = connect_tunnel(
-        main.proxy_port, target.replace("PORT", str(tls_upstream.port)), ca_file=main.ca_file, server_name=None
+        main.proxy_port,
+        target.replace("PORT", str(tls_upstream.port)),
+        ca_file=main.ca_file,
+        server_name=None,
     )
     assert tunnel is None
     assert refusal is not None

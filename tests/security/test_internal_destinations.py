@@ -100,11 +100,15 @@ def test_metadata_name_under_a_wildcard_deny_rule_is_denied(open_sidecar: Sideca
     assert_refused(answer, 403, "policy.deny", "denied")
 
 
-@pytest.mark.parametrize("target", ["localhost:443", "169.254.169.254:443", "[::1]:443", "10.0.0.1:443", "2130706433:443"])
+@pytest.mark.parametrize(
+    "target", ["localhost:443", "169.254.169.254:443", "[::1]:443", "10.0.0.1:443", "2130706433:443"]
+)
 def test_connect_to_an_internal_destination_is_refused_before_the_tunnel(
     open_sidecar: Sidecar, target: str
 ) -> None:
-    tunnel, refusal = connect_tunnel(open_sidecar.proxy_port, target, ca_file=open_sidecar.ca_file, server_name=None)
+    tunnel, refusal = connect_tunnel(
+        open_sidecar.proxy_port, target, ca_file=open_sidecar.ca_file, server_name=None
+    )
     assert tunnel is None and refusal is not None
     assert_refused(refusal, 403, "destination.internal", "denied")
 
@@ -166,7 +170,9 @@ def in_process(tmp_path: Path) -> Iterator[RunningSidecar]:
     parser = argparse.ArgumentParser()
     add_run_flags(parser)
     args = ["--policy", str(policy), "--data-dir", str(tmp_path / "data"), "--warrant-key-file", str(key)]
-    settings = resolve_settings(parser.parse_args([*args, "--agent-id", "sec-agent", "--audit-stdout", "false"]), {})
+    settings = resolve_settings(
+        parser.parse_args([*args, "--agent-id", "sec-agent", "--audit-stdout", "false"]), {}
+    )
     sidecar = build_sidecar(settings)
     # A cache that forgets at once: every request looks the name up again, as after a short DNS TTL.
     sidecar.forwarder.destinations = DestinationResolver(ttl=0.001)

@@ -59,7 +59,9 @@ AMBIGUOUS = [
     pytest.param(f"/admin%3B{M}", "request.ambiguous_path", id="encoded-semicolon"),
     pytest.param(f"/public/%c0%ae%c0%ae/admin/{M}", "request.ambiguous_path", id="overlong-utf8-dots"),
     pytest.param(f"/public%c0%afadmin/{M}", "request.ambiguous_path", id="overlong-utf8-slash"),
-    pytest.param(f"/public/%e0%80%ae%e0%80%ae/admin/{M}", "request.ambiguous_path", id="3-byte-overlong-dots"),
+    pytest.param(
+        f"/public/%e0%80%ae%e0%80%ae/admin/{M}", "request.ambiguous_path", id="3-byte-overlong-dots"
+    ),
     pytest.param(f"/admin%00/{M}", "request.ambiguous_path", id="encoded-nul"),
     pytest.param(f"/admin/{M}%00.json", "request.ambiguous_path", id="encoded-nul-suffix"),
     pytest.param(f"/admin%09/{M}", "request.ambiguous_path", id="encoded-tab"),
@@ -101,7 +103,9 @@ def test_raw_control_or_non_ascii_bytes_in_the_path_are_refused(
     main: Sidecar, upstream: Upstream, path: bytes, code: str
 ) -> None:
     marker = unique("p")
-    answer = one(main.exchange(raw_request("GET", upstream.authority, path.replace(b"MARK", marker.encode()))))
+    answer = one(
+        main.exchange(raw_request("GET", upstream.authority, path.replace(b"MARK", marker.encode())))
+    )
     assert_refused(answer, 400, code, "bad_request")
     assert not upstream.seen_containing(marker)
 
@@ -133,7 +137,9 @@ def test_allowed_path_is_forwarded_exactly_as_normalised(
     [
         pytest.param("/repos/acme/REPO/../OTHER", 403, "warrant.mismatch.path", id="dot-dot-to-sibling"),
         pytest.param("/repos/acme/OTHER", 403, "warrant.mismatch.path", id="plain-sibling"),
-        pytest.param("/repos/acme/%2e%2e/evil/OTHER", 403, "warrant.mismatch.path", id="encoded-dot-dot-owner"),
+        pytest.param(
+            "/repos/acme/%2e%2e/evil/OTHER", 403, "warrant.mismatch.path", id="encoded-dot-dot-owner"
+        ),
         pytest.param("/repos/acme/REPO/", 403, "warrant.mismatch.path", id="trailing-slash"),
         pytest.param("/repos/ACME/REPO", 403, "warrant.mismatch.path", id="case-variant"),
         pytest.param("/repos/acme/REPO%2F..%2FOTHER", 400, "request.ambiguous_path", id="encoded-slashes"),
@@ -141,7 +147,9 @@ def test_allowed_path_is_forwarded_exactly_as_normalised(
         pytest.param("/repos/acme/REPO\\..\\OTHER", 400, "request.ambiguous_path", id="backslashes"),
         pytest.param("/repos/acme/REPO%00", 400, "request.ambiguous_path", id="nul"),
         pytest.param("/repos/acme/%252e%252e/OTHER", 400, "request.ambiguous_path", id="double-encoding"),
-        pytest.param("/repos/acme/REPO/%c0%ae%c0%ae/OTHER", 400, "request.ambiguous_path", id="overlong-utf8"),
+        pytest.param(
+            "/repos/acme/REPO/%c0%ae%c0%ae/OTHER", 400, "request.ambiguous_path", id="overlong-utf8"
+        ),
     ],
 )
 def test_warrant_binding_cannot_be_stretched_by_a_disguised_path(
@@ -173,7 +181,9 @@ def test_warrant_holds_for_a_spelling_of_its_own_path_and_the_normalised_one_is_
     token = mint_for(main, Binding(method="DELETE", path=f"/repos/acme/{repo}", port=upstream.port))
     answer = one(
         main.exchange(
-            raw_request("DELETE", upstream.authority, sent.replace("REPO", repo), headers=[("Vienna-Warrant", token)])
+            raw_request(
+                "DELETE", upstream.authority, sent.replace("REPO", repo), headers=[("Vienna-Warrant", token)]
+            )
         )
     )
     assert (answer.status, answer.header("vienna-decision")) == (200, "allow"), answer
@@ -189,11 +199,17 @@ def test_warrant_holds_for_a_spelling_of_its_own_path_and_the_normalised_one_is_
     ("sent", "status", "code"),
     [
         pytest.param("/files/public/../private/MARK", 403, "warrant.mismatch.path", id="dot-dot-out"),
-        pytest.param("/files/public/%2e%2e/private/MARK", 403, "warrant.mismatch.path", id="encoded-dot-dot-out"),
+        pytest.param(
+            "/files/public/%2e%2e/private/MARK", 403, "warrant.mismatch.path", id="encoded-dot-dot-out"
+        ),
         pytest.param("/files/publicity/MARK", 403, "warrant.mismatch.path", id="prefix-not-on-segment"),
         pytest.param("/files/PUBLIC/MARK", 403, "warrant.mismatch.path", id="case-variant"),
-        pytest.param("/files/public%2F..%2Fprivate/MARK", 400, "request.ambiguous_path", id="encoded-slashes"),
-        pytest.param("/files/public/..%5Cprivate/MARK", 400, "request.ambiguous_path", id="encoded-backslash"),
+        pytest.param(
+            "/files/public%2F..%2Fprivate/MARK", 400, "request.ambiguous_path", id="encoded-slashes"
+        ),
+        pytest.param(
+            "/files/public/..%5Cprivate/MARK", 400, "request.ambiguous_path", id="encoded-backslash"
+        ),
     ],
 )
 def test_path_prefix_warrant_does_not_reach_outside_its_prefix(
@@ -203,11 +219,17 @@ def test_path_prefix_warrant_does_not_reach_outside_its_prefix(
     body = b"contents"
     token = mint_for(
         main,
-        Binding(method="PUT", path=None, path_prefix="/files/public", port=upstream.port, body=body, query=None),
+        Binding(
+            method="PUT", path=None, path_prefix="/files/public", port=upstream.port, body=body, query=None
+        ),
         tier=Tier.T2,
     )
     request = raw_request(
-        "PUT", upstream.authority, sent.replace("MARK", marker), headers=[("Vienna-Warrant", token)], body=body
+        "PUT",
+        upstream.authority,
+        sent.replace("MARK", marker),
+        headers=[("Vienna-Warrant", token)],
+        body=body,
     )
     assert_refused(one(main.exchange(request)), status, code)
     assert not upstream.seen_containing(marker)
@@ -218,7 +240,9 @@ def test_path_prefix_warrant_covers_a_normalised_path_under_it(main: Sidecar, up
     body = b"contents"
     token = mint_for(
         main,
-        Binding(method="PUT", path=None, path_prefix="/files/public", port=upstream.port, body=body, query=None),
+        Binding(
+            method="PUT", path=None, path_prefix="/files/public", port=upstream.port, body=body, query=None
+        ),
         tier=Tier.T2,
     )
     request = raw_request(

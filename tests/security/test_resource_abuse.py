@@ -7,10 +7,10 @@ enforcing; these checks show it refuses early (before buffering) and keeps servi
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +63,9 @@ def test_endless_request_head_is_cut_off_without_being_buffered(main: Sidecar, u
     """Header bytes that never end: refused once past the limit, connection closed (40 MB never sent)."""
     marker = unique("endless")
     with socket.create_connection(("127.0.0.1", main.proxy_port), timeout=5) as sock:
-        sock.sendall(raw_request("GET", upstream.authority, f"/ok/{marker}", close=False)[:-2] + b"X-Endless: ")
+        sock.sendall(
+            raw_request("GET", upstream.authority, f"/ok/{marker}", close=False)[:-2] + b"X-Endless: "
+        )
         sent = 0
         with contextlib.suppress(OSError):
             while sent < 40_000_000:
@@ -170,17 +172,21 @@ def test_slow_body_does_not_block_other_clients(main: Sidecar, upstream: Upstrea
 
 
 def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
 
-def test_a_thousand_idle_connections_then_a_normal_request_still_works(main: Sidecar, upstream: Upstream) -> None:
+def test_a_thousand_idle_connections_then_a_normal_request_still_works(
+    main: Sidecar, upstream: Upstream
+) -> None:
     before = _open_fds(main.pid)
     idle: list[socket.socket] = []
     try:
         for index in range(1000):
             sock = socket.create_connection(("127.0.0.1", main.proxy_port), timeout=5)
             if index % 2:
-                sock.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
+                sock.sendall(
+                    b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                )  # a head that never ends
             idle.append(sock)
         marker = unique("after-idle")
         assert _ok(main, upstream, marker, timeout=10) == 200

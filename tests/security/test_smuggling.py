@@ -23,7 +23,9 @@ from tests.security.support import (
 SMUGGLED = "SMUGGLED"  # replaced per case: the path of the request hidden in a body
 
 
-def _head(upstream: Upstream, path: str, *lines: str, method: str = "POST", version: str = "HTTP/1.1") -> bytes:
+def _head(
+    upstream: Upstream, path: str, *lines: str, method: str = "POST", version: str = "HTTP/1.1"
+) -> bytes:
     head = [f"{method} http://{upstream.authority}{path} {version}", f"Host: {upstream.authority}", *lines]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
@@ -42,21 +44,39 @@ def _nothing_reached(upstream: Upstream, mark: int, *markers: str) -> None:
 @pytest.mark.parametrize(
     ("lines", "code"),
     [
-        pytest.param(("Content-Length: 4", "Transfer-Encoding: chunked"), "request.bad_framing", id="CL-then-TE"),
-        pytest.param(("Transfer-Encoding: chunked", "Content-Length: 4"), "request.bad_framing", id="TE-then-CL"),
-        pytest.param(("Content-Length: 4", "Content-Length: 60"), "request.bad_framing", id="duplicate-CL-differing"),
-        pytest.param(("Content-Length: 60", "Content-Length: 60"), "request.bad_framing", id="duplicate-CL-equal"),
+        pytest.param(
+            ("Content-Length: 4", "Transfer-Encoding: chunked"), "request.bad_framing", id="CL-then-TE"
+        ),
+        pytest.param(
+            ("Transfer-Encoding: chunked", "Content-Length: 4"), "request.bad_framing", id="TE-then-CL"
+        ),
+        pytest.param(
+            ("Content-Length: 4", "Content-Length: 60"), "request.bad_framing", id="duplicate-CL-differing"
+        ),
+        pytest.param(
+            ("Content-Length: 60", "Content-Length: 60"), "request.bad_framing", id="duplicate-CL-equal"
+        ),
         pytest.param(("Content-Length: 4, 60",), "request.bad_framing", id="CL-list"),
         pytest.param(("Content-Length: -1",), "request.bad_framing", id="negative-CL"),
         pytest.param(("Content-Length: +4",), "request.bad_framing", id="plus-sign-CL"),
         pytest.param(("Content-Length: 0x3c",), "request.bad_framing", id="hex-CL"),
         pytest.param(("Content-Length: 4 4",), "request.bad_framing", id="CL-with-space"),
         pytest.param(("Content-Length : 4",), "request.bad_framing", id="space-before-colon-CL"),
-        pytest.param(("Transfer-Encoding : chunked", "Content-Length: 4"), "request.bad_framing", id="space-before-colon-TE"),
+        pytest.param(
+            ("Transfer-Encoding : chunked", "Content-Length: 4"),
+            "request.bad_framing",
+            id="space-before-colon-TE",
+        ),
         pytest.param(("Transfer-Encoding\t: chunked",), "request.bad_framing", id="tab-before-colon-TE"),
         pytest.param(("Transfer-Encoding: xchunked",), "request.bad_framing", id="TE-unknown"),
-        pytest.param(("Transfer-Encoding: chunked, identity",), "request.bad_framing", id="TE-chunked-not-last"),
-        pytest.param(("Transfer-Encoding: chunked", "Transfer-Encoding: identity"), "request.bad_framing", id="TE-twice"),
+        pytest.param(
+            ("Transfer-Encoding: chunked, identity",), "request.bad_framing", id="TE-chunked-not-last"
+        ),
+        pytest.param(
+            ("Transfer-Encoding: chunked", "Transfer-Encoding: identity"),
+            "request.bad_framing",
+            id="TE-twice",
+        ),
         pytest.param(("Transfer-Encoding: gzip, chunked",), "request.bad_framing", id="TE-gzip-chunked"),
         pytest.param(("Transfer-Encoding: identity",), "request.bad_framing", id="TE-identity"),
         pytest.param(("X-Pad: x", " Transfer-Encoding: chunked"), "request.bad_header", id="obs-fold"),
@@ -163,7 +183,9 @@ def _statuses(responses: list[RawResponse]) -> list[tuple[int, str | None]]:
     return [(r.status, r.header("vienna-decision")) for r in responses]
 
 
-def test_pipelined_requests_behind_an_allowed_one_are_each_classified(main: Sidecar, upstream: Upstream) -> None:
+def test_pipelined_requests_behind_an_allowed_one_are_each_classified(
+    main: Sidecar, upstream: Upstream
+) -> None:
     first, denied, origin, last = (unique(name) for name in ("first", "denied", "origin", "last"))
     stream = (
         _get(upstream, f"/ok/{first}")
@@ -220,9 +242,17 @@ def test_bare_lf_request_is_forwarded_with_crlf_framing(main: Sidecar, upstream:
 @pytest.mark.parametrize(
     "lines",
     [
-        pytest.param(("Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings", "HTTP2-Settings: AAMAAABkAAQAAP__"), id="h2c"),
         pytest.param(
-            ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"),
+            ("Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings", "HTTP2-Settings: AAMAAABkAAQAAP__"),
+            id="h2c",
+        ),
+        pytest.param(
+            (
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+            ),
             id="websocket",
         ),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -42,7 +43,9 @@ def _binding(upstream: Upstream, repo: str) -> Binding:
 
 def _delete(main: Sidecar, upstream: Upstream, repo: str, *warrants: str) -> RawResponse:
     headers = [("Vienna-Warrant", token) for token in warrants]
-    return one(main.exchange(raw_request("DELETE", upstream.authority, f"/repos/acme/{repo}", headers=headers)))
+    return one(
+        main.exchange(raw_request("DELETE", upstream.authority, f"/repos/acme/{repo}", headers=headers))
+    )
 
 
 def test_control_a_correctly_minted_warrant_is_forwarded_once_without_its_header(
@@ -98,23 +101,54 @@ def _edited_con(field: str, value: object) -> Forger:
     return forge
 
 
+def _signed_con(field: str, value: object) -> Forger:
+    """Correctly signed, but with one constraint changed: a warrant for something else."""
+
+    def forge(main: Sidecar, payload: dict[str, object]) -> str:
+        con = dict(payload["con"])  # type: ignore[call-overload]
+        con[field] = value
+        return _signed(main, {**payload, "con": con})
+
+    return forge
+
+
 FORGERIES: list[tuple[str, Forger, str]] = [
-    ("alg-none-unsigned", lambda m, p: f"{b64json(_header(m, alg='none'))}.{b64json(p)}.", "warrant.algorithm"),
+    (
+        "alg-none-unsigned",
+        lambda m, p: f"{b64json(_header(m, alg='none'))}.{b64json(p)}.",
+        "warrant.algorithm",
+    ),
     ("alg-none-signed", lambda m, p: _signed(m, p, alg="none"), "warrant.algorithm"),
     ("alg-None-capitalised", lambda m, p: _signed(m, p, alg="None"), "warrant.algorithm"),
     ("alg-hs256-lower-case", lambda m, p: _signed(m, p, alg="hs256"), "warrant.algorithm"),
-    ("alg-HS512", lambda m, p: hand_signed(_header(m, alg="HS512"), p, m.secret, "sha512"), "warrant.algorithm"),
-    ("alg-HS384", lambda m, p: hand_signed(_header(m, alg="HS384"), p, m.secret, "sha384"), "warrant.algorithm"),
+    (
+        "alg-HS512",
+        lambda m, p: hand_signed(_header(m, alg="HS512"), p, m.secret, "sha512"),
+        "warrant.algorithm",
+    ),
+    (
+        "alg-HS384",
+        lambda m, p: hand_signed(_header(m, alg="HS384"), p, m.secret, "sha384"),
+        "warrant.algorithm",
+    ),
     ("alg-RS256-signed-with-hmac-key", lambda m, p: _signed(m, p, alg="RS256"), "warrant.algorithm"),
     ("alg-ES256", lambda m, p: _signed(m, p, alg="ES256"), "warrant.algorithm"),
-    ("alg-missing", lambda m, p: hand_signed({"typ": "warrant+jwt", "kid": m.kid}, p, m.secret), "warrant.algorithm"),
+    (
+        "alg-missing",
+        lambda m, p: hand_signed({"typ": "warrant+jwt", "kid": m.kid}, p, m.secret),
+        "warrant.algorithm",
+    ),
     ("typ-JWT", lambda m, p: _signed(m, p, typ="JWT"), "warrant.type"),
     ("typ-upper-case", lambda m, p: _signed(m, p, typ="WARRANT+JWT"), "warrant.type"),
     ("typ-missing", lambda m, p: hand_signed({"alg": "HS256", "kid": m.kid}, p, m.secret), "warrant.type"),
     ("kid-unknown", lambda m, p: _signed(m, p, kid="k-0000000000000000"), "warrant.unknown_key"),
     ("kid-path-traversal", lambda m, p: _signed(m, p, kid="../../../../dev/null"), "warrant.unknown_key"),
     ("kid-number", lambda m, p: _signed(m, p, kid=1), "warrant.unknown_key"),
-    ("kid-missing", lambda m, p: hand_signed({"alg": "HS256", "typ": "warrant+jwt"}, p, m.secret), "warrant.unknown_key"),
+    (
+        "kid-missing",
+        lambda m, p: hand_signed({"alg": "HS256", "typ": "warrant+jwt"}, p, m.secret),
+        "warrant.unknown_key",
+    ),
     ("header-jku", lambda m, p: _signed(m, p, jku="http://evil.example/keys"), "warrant.malformed"),
     ("header-crit", lambda m, p: _signed(m, p, crit=["exp"]), "warrant.malformed"),
     ("header-b64-false", lambda m, p: _signed(m, p, b64=False), "warrant.malformed"),
@@ -129,7 +163,11 @@ FORGERIES: list[tuple[str, Forger, str]] = [
     ("edited-exp", _edited("exp", 4102444800), "warrant.bad_signature"),
     ("edited-sub", _edited("sub", "another-agent"), "warrant.bad_signature"),
     ("edited-approvals", _edited("approvals", []), "warrant.bad_signature"),
-    ("edited-tier-T2-to-T3", lambda m, p: _swap_payload(_signed(m, {**p, "tier": "T2"}), p), "warrant.bad_signature"),
+    (
+        "edited-tier-T2-to-T3",
+        lambda m, p: _swap_payload(_signed(m, {**p, "tier": "T2"}), p),
+        "warrant.bad_signature",
+    ),
     ("padded-base64", lambda m, p: _signed(m, p).replace(".", "=.", 1), "warrant.malformed"),
     ("four-parts", lambda m, p: _signed(m, p) + ".AAAA", "warrant.malformed"),
     ("not-a-jwt", lambda m, p: "warrant-please", "warrant.malformed"),
@@ -143,13 +181,13 @@ FORGERIES: list[tuple[str, Forger, str]] = [
     ("T2-warrant-on-T3-request", lambda m, p: _signed(m, {**p, "tier": "T2"}), "warrant.tier"),
     ("T0-warrant-on-T3-request", lambda m, p: _signed(m, {**p, "tier": "T0"}), "warrant.tier"),
     ("deny-tier-warrant", lambda m, p: _signed(m, {**p, "tier": "deny"}), "warrant.tier"),
-    ("unknown-constraint", lambda m, p: _signed(m, {**p, "con": {**p["con"], "ip": "any"}}), "warrant.unknown_constraint"),  # type: ignore[dict-item]
-    ("other-method", lambda m, p: _signed(m, {**p, "con": {**p["con"], "method": "GET"}}), "warrant.mismatch.method"),  # type: ignore[dict-item]
-    ("other-scheme", lambda m, p: _signed(m, {**p, "con": {**p["con"], "scheme": "https"}}), "warrant.mismatch.scheme"),  # type: ignore[dict-item]
-    ("other-host", lambda m, p: _signed(m, {**p, "con": {**p["con"], "host": "localhost"}}), "warrant.mismatch.host"),  # type: ignore[dict-item]
-    ("other-port", lambda m, p: _signed(m, {**p, "con": {**p["con"], "port": 1}}), "warrant.mismatch.port"),  # type: ignore[dict-item]
-    ("other-query", lambda m, p: _signed(m, {**p, "con": {**p["con"], "query": "force=1"}}), "warrant.mismatch.query"),  # type: ignore[dict-item]
-    ("other-body", lambda m, p: _signed(m, {**p, "con": {**p["con"], "body_sha256": "0" * 64}}), "warrant.mismatch.body"),  # type: ignore[dict-item]
+    ("unknown-constraint", _signed_con("ip", "any"), "warrant.unknown_constraint"),
+    ("other-method", _signed_con("method", "GET"), "warrant.mismatch.method"),
+    ("other-scheme", _signed_con("scheme", "https"), "warrant.mismatch.scheme"),
+    ("other-host", _signed_con("host", "localhost"), "warrant.mismatch.host"),
+    ("other-port", _signed_con("port", 1), "warrant.mismatch.port"),
+    ("other-query", _signed_con("query", "force=1"), "warrant.mismatch.query"),
+    ("other-body", _signed_con("body_sha256", "0" * 64), "warrant.mismatch.body"),
 ]
 
 
@@ -158,8 +196,6 @@ def _duplicate_sub(main: Sidecar, payload: dict[str, object]) -> str:
     text = json.dumps(payload, separators=(",", ":"))[:-1] + ',"sub":"another-agent"}'
     head = b64json(_header(main))
     body = b64url(text.encode())
-    import hmac
-
     signature = hmac.new(main.secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64url(signature)}"
 
@@ -206,7 +242,11 @@ def test_body_bound_warrant_refuses_another_body(main: Sidecar, upstream: Upstre
 def test_warrant_header_on_a_t0_request_is_not_forwarded(main: Sidecar, upstream: Upstream) -> None:
     marker = unique("t0")
     token = mint_for(main, Binding(method="GET", path=f"/ok/{marker}", port=upstream.port))
-    answer = one(main.exchange(raw_request("GET", upstream.authority, f"/ok/{marker}", headers=[("Vienna-Warrant", token)])))
+    answer = one(
+        main.exchange(
+            raw_request("GET", upstream.authority, f"/ok/{marker}", headers=[("Vienna-Warrant", token)])
+        )
+    )
     assert answer.status == 200, answer
     [seen] = upstream.seen_containing(marker)
     assert seen.header("vienna-warrant") is None
@@ -215,7 +255,9 @@ def test_warrant_header_on_a_t0_request_is_not_forwarded(main: Sidecar, upstream
 # --- a warrant sent where the inner request does not carry it -------------------------------------
 
 
-def _tunnel_delete(main: Sidecar, tls_upstream: Upstream, repo: str, connect_extra: bytes, inner_extra: str) -> RawResponse:
+def _tunnel_delete(
+    main: Sidecar, tls_upstream: Upstream, repo: str, connect_extra: bytes, inner_extra: str
+) -> RawResponse:
     tunnel, refusal = connect_tunnel(
         main.proxy_port, tls_upstream.authority, ca_file=main.ca_file, server_name=None, extra=connect_extra
     )
@@ -235,11 +277,16 @@ def test_warrant_on_the_connect_request_does_not_cover_the_inner_request(
     binding = Binding(method="DELETE", path=f"/repos/acme/{repo}", port=tls_upstream.port, scheme="https")
     token = mint_for(main, binding)
     on_connect = f"Proxy-Authorization: Bearer {token}\r\nVienna-Warrant: {token}\r\n".encode()
-    assert_refused(_tunnel_delete(main, tls_upstream, repo, on_connect, ""), 403, "warrant.required", "warrant_required")
+    assert_refused(
+        _tunnel_delete(main, tls_upstream, repo, on_connect, ""), 403, "warrant.required", "warrant_required"
+    )
     basic = base64.b64encode(f"agent:{token}".encode()).decode()
     in_proxy_auth = f"Proxy-Authorization: Basic {basic}\r\n"
     assert_refused(
-        _tunnel_delete(main, tls_upstream, repo, b"", in_proxy_auth), 403, "warrant.required", "warrant_required"
+        _tunnel_delete(main, tls_upstream, repo, b"", in_proxy_auth),
+        403,
+        "warrant.required",
+        "warrant_required",
     )
     assert not tls_upstream.seen_containing(repo)
     # The same token, where it belongs, is valid: the refusals above were about where it was sent.
@@ -255,7 +302,10 @@ def test_plain_http_warrant_in_proxy_authorization_is_ignored_and_not_forwarded(
     repo = unique("repo")
     token = mint_for(main, _binding(upstream, repo))
     request = raw_request(
-        "DELETE", upstream.authority, f"/repos/acme/{repo}", headers=[("Proxy-Authorization", f"Bearer {token}")]
+        "DELETE",
+        upstream.authority,
+        f"/repos/acme/{repo}",
+        headers=[("Proxy-Authorization", f"Bearer {token}")],
     )
     assert_refused(one(main.exchange(request)), 403, "warrant.required", "warrant_required")
     assert not upstream.seen_containing(repo)

@@ -2,6 +2,10 @@
 
 usage: python bench/proxy.py [--seconds 8] [--connections 8]
 
+The sidecar runs twice: with `--durable-audit true` (the default: each decision is committed to
+SQLite before the request is forwarded) and `false` (decisions group-committed every ~20 ms), so
+the cost of durability shows in the same run.
+
 Starts a loopback upstream (aiohttp), a bare mitmproxy (only the addons a working proxy needs)
 and `vienna run` with a T0 policy, then drives each with the same keep-alive asyncio client:
 requests/s at N connections, p50/p99 latency at 1 connection, and the proxy process's CPU time
@@ -172,15 +176,16 @@ def measure(
     )
 
 
-def start_sidecar(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_sidecar(tmp: Path, *, durable: bool) -> tuple[subprocess.Popen[bytes], int]:
     vienna = Path(sys.executable).with_name("vienna")
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY)
     port, api = free_port(), free_port()
-    data = tmp / "data"
+    data = tmp / ("data-durable" if durable else "data-batched")
     proc = subprocess.Popen(
         [str(vienna), "run", "--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{api}",
-         "--data-dir", str(data), "--agent-id", "bench", "--audit-stdout", "false"],
+         "--data-dir", str(data), "--agent-id", "bench", "--audit-stdout", "false",
+         "--durable-audit", "true" if durable else "false"],
         stdout=subprocess.DEVNULL, stderr=(tmp / "vienna.log").open("ab"),
     )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -227,14 +232,20 @@ def main() -> int:
         )  # fmt: skip
         bare.terminate()
 
-        sidecar, port = start_sidecar(tmp)
-        processes.append(sidecar)
-        results.append(
-            measure("vienna sidecar (T0, durable audit)", port, upstream_port, sidecar.pid, via_proxy=True,
-                    connections=args.connections, seconds=args.seconds)
-        )  # fmt: skip
-        sidecar.terminate()
-        sidecar.wait(15)
+        for durable in (True, False):
+            sidecar, port = start_sidecar(tmp, durable=durable)
+            processes.append(sidecar)
+            label = (
+                "vienna, T0, decision committed before forwarding"
+                if durable
+                else "vienna, T0, audit group-committed"
+            )
+            results.append(
+                measure(label, port, upstream_port, sidecar.pid, via_proxy=True,
+                        connections=args.connections, seconds=args.seconds)
+            )  # fmt: skip
+            sidecar.terminate()
+            sidecar.wait(15)
     finally:
         for proc in processes:
             if proc.poll() is None:

@@ -231,7 +231,8 @@ class EnforcementAddon:
             if retry_after > 0:
                 status, label = 429, "rate_limited"
                 extra_headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
-        if decision.verdict is Verdict.WARRANT_REQUIRED:
+        if decision.verdict is Verdict.WARRANT_REQUIRED and not sidecar.settings.dryrun:
+            # (in dryrun the request is forwarded anyway: operators get no request to approve)
             stored = sidecar.warrant_requests.open(
                 agent=sidecar.settings.agent_id, decision=decision, canonical=canonical_request(request)
             )
@@ -277,12 +278,18 @@ class EnforcementAddon:
             return
 
         # forward, then record the execution and observe it
-        if self._inject_fault:
-            raise RuntimeError("injected fault (VIENNA_TEST_FAULT=addon)")
         outgoing = [(k, v) for k, v in request.headers if k != WARRANT_HEADER]
         try:
+            if self._inject_fault:
+                raise RuntimeError("injected fault (VIENNA_TEST_FAULT=addon)")
             relayed = await sidecar.forwarder.send(request, outgoing)
-        except UpstreamError as exc:
+        except Exception as exc:
+            if not isinstance(exc, UpstreamError):
+                # The decision already says "forwarded": say what became of it before refusing.
+                self._record_execution(
+                    request, decision, decision_id, status=0, size=0, seconds=0.0, error="internal.error"
+                )
+                raise
             sidecar.metrics.upstream_seconds.observe(0.0)
             self._record_execution(
                 request, decision, decision_id, status=exc.status, size=0, seconds=0.0, error=exc.code
@@ -321,6 +328,9 @@ class EnforcementAddon:
         if scheme not in ("http", "https"):
             raise AmbiguousRequest("request.bad_target", f"scheme {scheme!r} is not relayed")
         host_headers = data.headers.get_all("host")
+        if (data.is_http2 or data.is_http3) and data.authority and data.authority not in host_headers:
+            # :authority is HTTP/2's Host header; mitmproxy routes by the CONNECT target, so they must agree
+            host_headers = [*host_headers, data.authority]
         if len(host_headers) > 1:
             raise AmbiguousRequest("request.host_mismatch", "more than one Host header")
         header_authority = _parse_authority(host_headers[0], scheme) if host_headers else None
@@ -427,6 +437,7 @@ class EnforcementAddon:
             agent=self.sidecar.settings.agent_id,
             policy_revision=decision.policy_revision,
             payload=payload,
+            durable=self.sidecar.settings.durable_audit,
         )
 
     def _record_execution(
@@ -645,11 +656,14 @@ def _protocol_reason_code(status: int, message: str) -> str:
 
 def _protocol_error_response(status_code: int, message: str = "") -> bytes:
     """Replaces mitmproxy's HTML error page for requests it refuses before any hook runs."""
+    reason = message.split(" Disable the ", 1)[0][:300]  # mitmproxy advises turning its checks off; drop that
+    if status_code == 413:
+        reason = "request body over the --max-body-bytes limit"
     response = plain_error(
         status_code,
         "bad_request" if 400 <= status_code < 500 else "denied",
         _protocol_reason_code(status_code, message),
-        message.split(" Disable the ", 1)[0][:300] or "malformed request",  # no advice to turn checks off
+        reason or "malformed request",
     )
     response.headers["Connection"] = "close"
     raw: bytes = assemble_response(response)  # type: ignore[no-untyped-call]

@@ -38,6 +38,7 @@ class Settings:
     ca_bundle_out: Path | None
     audit_key_file: Path | None
     audit_stdout: bool
+    durable_audit: bool
     checkpoint_every: int
     checkpoint_seconds: float
     public_api_url: str | None
@@ -78,6 +79,11 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("pending-ttl", "3600", "seconds a warrant request stays pending before it expires"),
     ("ca-bundle-out", None, "write system CAs + the interception CA here at start-up (for the agent)"),
     ("audit-key-file", None, "HMAC key for signed audit checkpoints (default: generated in the data dir)"),
+    (
+        "durable-audit",
+        "true",
+        "commit each decision before forwarding (false: group-commit it; a crash may lose ~20 ms)",
+    ),
     ("audit-stdout", "true", "also write every audit event as a JSON line to stdout (true/false)"),
     ("checkpoint-every", "1000", "sign an audit checkpoint every N events"),
     ("checkpoint-seconds", "60", "and at least every T seconds when events were added"),
@@ -160,6 +166,7 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         ca_bundle_out=path("ca-bundle-out"),
         audit_key_file=path("audit-key-file"),
         audit_stdout=_flag_bool(str(raw["audit-stdout"]), "audit-stdout"),
+        durable_audit=_flag_bool(str(raw["durable-audit"]), "durable-audit"),
         checkpoint_every=int(_number(str(raw["checkpoint-every"]), "checkpoint-every", minimum=1)),
         checkpoint_seconds=_number(str(raw["checkpoint-seconds"]), "checkpoint-seconds", minimum=0.1),
         public_api_url=raw["public-api-url"],

@@ -586,3 +586,72 @@ def exchange_until_closed(port: int, data: bytes, *, timeout: float = 5.0) -> tu
                 return received, True
             received += chunk
         return received, False
+
+
+def h2_exchange(
+    proxy_port: int,
+    connect: str,
+    headers: Sequence[tuple[str, str]],
+    *,
+    ca_file: Path,
+    server_name: str | None = None,
+    timeout: float = 5.0,
+) -> RawResponse:
+    """One HTTP/2 request through a CONNECT tunnel (ALPN h2); `headers` include the pseudo-headers.
+
+    Outbound header validation is off, so a request can carry a Host header that contradicts its
+    :authority, as a hostile client could.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+    sock.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(sock, server_hostname=server_name) as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        config = h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+        connection = h2.connection.H2Connection(config=config)
+        connection.initiate_connection()
+        connection.send_headers(1, list(headers), end_stream=True)
+        tls.sendall(connection.data_to_send())
+        status, got, body = 0, [], b""
+        deadline = time.monotonic() + timeout
+        ended = False
+        while not ended and time.monotonic() < deadline:
+            data = tls.recv(65536)
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    for key, value in event.headers or []:
+                        name, text = bytes(key).decode(), bytes(value).decode()
+                        if name == ":status":
+                            status = int(text)
+                        else:
+                            got.append((name, text))
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data or b""
+                    connection.acknowledge_received_data(event.flow_controlled_length or 0, 1)
+                elif isinstance(event, h2.events.StreamReset):
+                    got.append(("x-stream-reset", str(event.error_code)))
+                    ended = True
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    got.append(("x-connection-terminated", str(event.error_code)))
+                    ended = True
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            tls.sendall(connection.data_to_send())
+    return RawResponse(status, tuple(got), body)

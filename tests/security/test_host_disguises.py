@@ -16,6 +16,7 @@ from tests.security.support import (
     Upstream,
     assert_refused,
     connect_tunnel,
+    h2_exchange,
     one,
     raw_request,
     read_responses,
@@ -254,3 +255,59 @@ def test_bad_connect_targets_are_refused_before_any_tunnel(
     assert tunnel is None
     assert refusal is not None
     assert_refused(refusal, status, code)
+
+
+# --- HTTP/2 inside the tunnel: :authority plays the Host header's part ------------------------------
+
+
+def _h2(
+    main: Sidecar, tls_upstream: Upstream, authority: str, path: str, *extra: tuple[str, str]
+) -> RawResponse:
+    headers = [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path), *extra]
+    return h2_exchange(main.proxy_port, tls_upstream.authority, headers, ca_file=main.ca_file)
+
+
+def test_http2_request_whose_authority_matches_the_tunnel_is_forwarded(
+    main: Sidecar, tls_upstream: Upstream
+) -> None:
+    marker = unique("h2")
+    answer = _h2(main, tls_upstream, tls_upstream.authority, f"/ok/{marker}")
+    assert (answer.status, answer.header("vienna-decision")) == (200, "allow"), answer
+    assert [s.path for s in tls_upstream.seen_containing(marker)] == [f"/ok/{marker}"]
+
+
+@pytest.mark.parametrize(
+    ("authority", "extra"),
+    [
+        pytest.param("blocked.test", (), id="authority-other-name"),
+        pytest.param("localhost:PORT", (), id="authority-alias-of-address"),
+        pytest.param("127.0.0.1:1", (), id="authority-other-port"),
+    ],
+)
+def test_http2_authority_disagreeing_with_the_tunnel_is_refused(
+    main: Sidecar, tls_upstream: Upstream, authority: str, extra: tuple[str, ...]
+) -> None:
+    marker = unique("h2")
+    more = [(extra[0], extra[1])] if extra else []
+    answer = _h2(
+        main, tls_upstream, authority.replace("PORT", str(tls_upstream.port)), f"/ok/{marker}", *more
+    )
+    assert_refused(answer, 400, "request.host_mismatch", "bad_request")
+    assert not tls_upstream.seen_containing(marker)
+
+
+def test_http2_path_disguise_still_hits_the_deny_rule(main: Sidecar, tls_upstream: Upstream) -> None:
+    marker = unique("h2")
+    answer = _h2(main, tls_upstream, tls_upstream.authority, f"/public/%2e%2e/ADMIN/{marker}")
+    assert_refused(answer, 403, "policy.deny", "denied")
+    assert not tls_upstream.seen_containing(marker)
+
+
+def test_http2_host_header_contradicting_authority_ends_the_connection(
+    main: Sidecar, tls_upstream: Upstream
+) -> None:
+    """mitmproxy's HTTP/2 stack treats it as a protocol error (RFC 9113 §8.3.1): GOAWAY, nothing forwarded."""
+    marker = unique("h2")
+    answer = _h2(main, tls_upstream, tls_upstream.authority, f"/ok/{marker}", ("host", "blocked.test"))
+    assert answer.status == 0 and ("x-connection-terminated", "1") in answer.headers, answer
+    assert not tls_upstream.seen_containing(marker)

@@ -7,7 +7,7 @@ import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 GENESIS_HASH = "0" * 64
@@ -49,6 +49,8 @@ class AuditEvent:
     payload: Mapping[str, object]
     prev_hash: str
     hash: str
+    # The canonical payload text as hashed, kept so that storing the event does not serialise it again.
+    payload_json: str = field(default="", compare=False, repr=False)
 
     def body(self) -> dict[str, object]:
         """What the hash covers: every field but the hash itself."""
@@ -130,15 +132,15 @@ def link(
             payload_bytes,
             b',"policy_revision":',
             text(policy_revision),
-            b',"prev_hash":',
-            text(prev_hash),
-            b',"seq":',
-            text(seq),
+            b',"prev_hash":"',
+            prev_hash.encode("ascii"),  # checked above: 64 hex digits need no escaping
+            b'","seq":',
+            str(seq).encode("ascii"),
             b',"ts":',
             text(ts),
-            b',"type":',
-            text(event_type.value),
-            b"}",
+            b',"type":"',
+            event_type.value.encode("ascii"),  # schema names: plain ASCII
+            b'"}',
         )
     )
     return AuditEvent(
@@ -150,6 +152,7 @@ def link(
         payload=stored,
         prev_hash=prev_hash,
         hash=hashlib.sha256(prev_hash.encode("utf-8") + body).hexdigest(),
+        payload_json=payload_bytes.decode("utf-8"),
     )
 
 

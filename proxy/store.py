@@ -176,7 +176,8 @@ class Store:
                 e.type,
                 e.agent,
                 e.policy_revision,
-                json.dumps(e.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+                e.payload_json
+                or json.dumps(e.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
                 e.prev_hash,
                 e.hash,
             )

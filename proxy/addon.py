@@ -679,7 +679,8 @@ def _read_headers_bounded(
     if (
         isinstance(event, events.DataReceived)
         and len(self.buf) > MAX_REQUEST_HEAD
-        and _END_OF_HEAD.search(bytes(self.buf)[:MAX_REQUEST_HEAD]) is None
+        # h11 drops one leading blank line per read, so blank lines alone could grow the buffer too
+        and _END_OF_HEAD.search(bytes(self.buf).lstrip(b"\r\n")[:MAX_REQUEST_HEAD]) is None
     ):
         yield commands.SendData(
             self.conn, _protocol_error_response(431, f"request head over {MAX_REQUEST_HEAD} bytes")

@@ -115,6 +115,11 @@ class Upstream:
     def authority(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def app_port(self) -> int:
+        """The aiohttp server's own port, behind the tap."""
+        return self._app_port
+
     def url(self, path: str, *, host: str = "127.0.0.1") -> str:
         return f"{self.scheme}://{host}:{self.port}{path}"
 

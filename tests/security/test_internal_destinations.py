@@ -192,7 +192,7 @@ async def connections(
         if host == PUBLIC:
             attempts.append((host, port))
             return await real("127.0.0.1", upstream.port, **kwargs)
-        if port != upstream._app_port:  # the upstream's own tap uses the real thing
+        if port != upstream.app_port:  # the upstream's own tap uses the real thing
             attempts.append((host, port))
         return await real(host, port, **kwargs)
 

@@ -80,6 +80,30 @@ def test_endless_request_head_is_cut_off_without_being_buffered(main: Sidecar, u
     assert_refused(one(responses), 431, "request.headers_too_large", "bad_request")
 
 
+def test_flood_of_blank_lines_before_a_request_is_cut_off(main: Sidecar, upstream: Upstream) -> None:
+    """Blank lines before a request line are skipped one per read: 40 MB of them must not pile up."""
+    with socket.create_connection(("127.0.0.1", main.proxy_port), timeout=5) as sock:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 40_000_000:
+                sock.sendall(b"\r\n" * 32768)
+                sent += 65536
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    assert sent < 40_000_000, "the sidecar kept reading blank lines"
+    responses, _ = parse_responses(received)
+    assert_refused(one(responses), 431, "request.headers_too_large", "bad_request")
+
+
+def test_a_few_blank_lines_before_a_request_are_tolerated(main: Sidecar, upstream: Upstream) -> None:
+    marker = unique("blank")
+    answer = one(main.exchange(b"\r\n\r\n" + raw_request("GET", upstream.authority, f"/ok/{marker}")))
+    assert answer.status == 200, answer
+    assert len(upstream.seen_containing(marker)) == 1
+
+
 def test_head_under_the_limit_is_relayed(main: Sidecar, upstream: Upstream) -> None:
     marker = unique("head")
     headers = [(f"X-Fill-{i}", "c" * 4000) for i in range(12)]  # 48 KB, under the 64 KiB head limit

@@ -137,7 +137,38 @@ class EnforcementAddon:
 
     # --- request ---------------------------------------------------------------------------------
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        """Requests mitmproxy refused before our request hook (body over the limit, bad framing)."""
+        if flow.metadata.get("vienna.seen") or flow.request is None or flow.error is None:
+            return
+        flow.metadata["vienna.seen"] = True
+        try:
+            self.sidecar.recorder.record(
+                "decision",
+                agent=self.sidecar.settings.agent_id,
+                policy_revision=self.sidecar.rules.revision,
+                payload={
+                    "decision_id": "d_" + secrets.token_hex(8),
+                    "decision": "bad_request",
+                    "forwarded": False,
+                    "reason_code": "request.protocol_error",
+                    "reason": flow.error.msg[:300],
+                    "tier": "deny",
+                    "request": {
+                        "method": flow.request.method,
+                        "host": flow.request.host,
+                        "port": flow.request.port,
+                        "path": flow.request.path[:300],  # as received: it was never normalised
+                    },
+                    "client": _peer(flow),
+                },
+            )
+            self.sidecar.metrics.requests.labels(tier="deny", decision="bad_request", action="unknown").inc()
+        except Exception:
+            log.exception("could not record a refused request")
+
     async def request(self, flow: http.HTTPFlow) -> None:
+        flow.metadata["vienna.seen"] = True
         if flow.response is not None:
             return
         self.sidecar.inflight += 1
@@ -676,18 +707,20 @@ _original_read_headers = _http1.Http1Server.read_headers
 def _read_headers_bounded(
     self: _http1.Http1Server, event: events.ConnectionEvent
 ) -> layer.CommandGenerator[None]:
-    if (
-        isinstance(event, events.DataReceived)
-        and len(self.buf) > MAX_REQUEST_HEAD
-        # h11 drops one leading blank line per read, so blank lines alone could grow the buffer too
-        and _END_OF_HEAD.search(bytes(self.buf).lstrip(b"\r\n")[:MAX_REQUEST_HEAD]) is None
-    ):
-        yield commands.SendData(
-            self.conn, _protocol_error_response(431, f"request head over {MAX_REQUEST_HEAD} bytes")
-        )
-        yield commands.CloseConnection(self.conn)
-        self.state = self.done
-        return
+    if isinstance(event, events.DataReceived):
+        raw = bytes(self.buf)
+        head = raw.lstrip(b"\r\n")
+        if len(head) < len(raw):
+            # Blank lines before a request line are skipped (RFC 9112 §2.2). h11 skips one per read and
+            # then waits for more data, so a request already buffered behind two of them would hang.
+            self.buf.maybe_extract_at_most(len(raw) - len(head))
+        if len(head) > MAX_REQUEST_HEAD and _END_OF_HEAD.search(head[:MAX_REQUEST_HEAD]) is None:
+            yield commands.SendData(
+                self.conn, _protocol_error_response(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+            )
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+            return
     yield from _original_read_headers(self, event)
 
 

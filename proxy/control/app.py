@@ -195,7 +195,7 @@ async def submit_intent(request: web.Request) -> web.Response:
     if stored.warrant is not None and summary["status"] == "approved":
         answer["warrant_id"] = stored.warrant_id
         answer["warrant"] = stored.warrant
-    return web.json_response(answer, status=202 if answer["status"] == "pending_approval" else 200)
+    return web.json_response(answer)
 
 
 def _params_request(params: dict[str, Any]) -> Any:

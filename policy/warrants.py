@@ -209,9 +209,11 @@ def verify(
         )
     if header.get("typ") != TOKEN_TYPE:
         return WarrantRefused("warrant.type", f"token type {_shown(header.get('typ'))} is not {TOKEN_TYPE}")
-    kid = header.get("kid")
+    # A token without `kid` is checked against the active key; a `kid` we do not hold is refused
+    # (never tried against another key).
+    kid = header.get("kid", keys.active_kid)
     if not isinstance(kid, str) or kid not in keys.keys:
-        return WarrantRefused("warrant.unknown_key", f"key id {_shown(kid)} is not known")
+        return WarrantRefused("warrant.unknown_key", f"unknown key id (kid) {_shown(kid)}")
 
     # HS256 is pinned and the segments were already checked to be canonical base64url, so the
     # signature is checked here directly (PyJWS would parse the whole token a second time).
@@ -222,14 +224,15 @@ def verify(
 
     # Written as `not (...)` so that a NaN clock fails closed.
     if not now < claims.exp + leeway:
-        return WarrantRefused("warrant.expired", f"warrant expired at {claims.exp}")
+        return WarrantRefused("warrant.expired", f"warrant expired (exp {claims.exp})")
     if not now >= claims.nbf - leeway:
-        return WarrantRefused("warrant.not_yet_valid", f"warrant is not valid before {claims.nbf}")
+        return WarrantRefused("warrant.not_yet_valid", f"warrant is not yet valid (nbf {claims.nbf})")
     if claims.iss != issuer:
         return WarrantRefused("warrant.issuer", f"issuer {_shown(claims.iss)} is not {issuer!r}")
     if claims.sub != agent:
         return WarrantRefused(
-            "warrant.wrong_agent", f"warrant was issued to {_shown(claims.sub)}, not {agent!r}"
+            "warrant.wrong_agent",
+            f"wrong agent: warrant sub is {_shown(claims.sub)}, this agent is {agent!r}",
         )
     if not (
         claims.tier.needs_warrant and required_tier.needs_warrant and claims.tier.rank >= required_tier.rank
@@ -245,7 +248,8 @@ def verify(
     mismatch = _first_mismatch(claims.con, request)
     if mismatch is not None:
         return WarrantRefused(
-            f"warrant.mismatch.{mismatch}", f"the request's {mismatch} is not what the warrant covers"
+            f"warrant.mismatch.{mismatch}",
+            f"constraint mismatch: the request's {mismatch} is not what the warrant covers",
         )
     return WarrantValid(claims)
 

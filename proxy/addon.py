@@ -292,7 +292,7 @@ class EnforcementAddon:
 
         if not (forwards or dryrun_forward):
             if status == 429:
-                body = deny_body(decision, error="rate_limited", decision_id=decision_id)
+                body = deny_body(decision, error="denied", decision_id=decision_id)
                 body["reason"] = f"rule {decision.rule_id!r} allows {self._limit_text(decision)}; retry later"
                 body["reason_code"] = "policy.rate_limited"
                 flow.response = json_response(429, body, decision_id=decision_id, headers=extra_headers)

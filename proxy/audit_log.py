@@ -142,12 +142,12 @@ class Recorder:
         finally:
             os.close(fd)
         self._since_checkpoint = 0
-        if self._stdout is not None:
-            try:
-                self._stdout.write(json.dumps({"log": "vienna.checkpoint", **entry}, sort_keys=True) + "\n")
-                self._stdout.flush()
-            except (OSError, ValueError):
-                pass
+        # stdout carries audit events only; the checkpoint goes to the log stream (stderr) as one JSON line.
+        try:
+            sys.stderr.write(json.dumps({"log": "vienna.checkpoint", **entry}, sort_keys=True) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
         return entry
 
     @property

@@ -276,9 +276,7 @@ def _audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(
-    method: str, url: str, token: str | None, body: dict[str, Any] | None = None
-) -> tuple[int, dict[str, Any]]:
+def _call(method: str, url: str, token: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
     if token:
@@ -307,7 +305,7 @@ def _approvals(args: argparse.Namespace) -> int:
             status, body = _call("GET", f"{base}/v1/warrant-requests{query}", args.token)
             if status != 200:
                 return _fail(status, body)
-            items = body.get("warrant_requests", [])
+            items = body if isinstance(body, list) else []
             if args.json:
                 print(json.dumps(items, indent=2))
                 return 0
@@ -342,8 +340,9 @@ def _approvals(args: argparse.Namespace) -> int:
         return 1
 
 
-def _fail(status: int, body: dict[str, Any]) -> int:
-    print(f"refused ({status}): {body.get('reason') or body.get('error')}", file=sys.stderr)
+def _fail(status: int, body: Any) -> int:
+    why = (body.get("reason") or body.get("error")) if isinstance(body, dict) else body
+    print(f"refused ({status}): {why}", file=sys.stderr)
     return 1
 
 

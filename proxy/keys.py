@@ -26,9 +26,17 @@ class KeyError_(ValueError):
 
 def _read_secret(path: Path) -> bytes:
     try:
-        secret = path.read_bytes().strip()
+        secret = path.read_bytes()
     except OSError as exc:
         raise KeyError_(f"{path}: cannot read: {exc.strerror}") from None
+    # A key written with `echo` ends in a newline that is not part of the secret; a binary key
+    # (os.urandom) is used byte for byte, whatever its last byte happens to be.
+    try:
+        secret.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        secret = secret.removesuffix(b"\n").removesuffix(b"\r")
     if len(secret) < MIN_KEY_BYTES:
         raise KeyError_(f"{path}: a key needs at least {MIN_KEY_BYTES} bytes, this one has {len(secret)}")
     return secret

@@ -246,13 +246,21 @@ class Store:
         return _row_to_request(row) if row else None
 
     def list_requests(self, status: str | None, now: float, limit: int = 500) -> list[StoredRequest]:
+        # "expired" is derived (pending past its deadline), so filter in SQL where that is exact.
+        params: tuple[object, ...]
+        if status == "pending":
+            sql, params = "WHERE status = 'pending' AND expires_at > ?", (now,)
+        elif status == "expired":
+            sql, params = "WHERE status = 'expired' OR (status = 'pending' AND expires_at <= ?)", (now,)
+        elif status is not None:
+            sql, params = "WHERE status = ?", (status,)
+        else:
+            sql, params = "", ()
         rows = self._state.execute(
-            "SELECT * FROM warrant_requests ORDER BY created_at DESC LIMIT ?", (limit,)
+            f"SELECT * FROM warrant_requests {sql} ORDER BY created_at DESC LIMIT ?",  # noqa: S608 -- fixed fragments
+            (*params, limit),
         ).fetchall()
-        found = [_row_to_request(row) for row in rows]
-        if status is None:
-            return found
-        return [item for item in found if item.state.effective_status(now).value == status]
+        return [_row_to_request(row) for row in rows]
 
     def count_pending(self, now: float) -> int:
         row = self._state.execute(

@@ -139,10 +139,20 @@ class WarrantRequests:
 
     def _issue(self, stored: StoredRequest, now: float, revision: str) -> StoredRequest:
         state = stored.state
-        if "method" not in stored.request:
-            # An intent named only by action/target (POST /v1/intents without params.url) has no
-            # HTTP request to bind a warrant to: the approval stands, no data-plane warrant is minted.
-            return stored
+        request = stored.request
+        if "method" not in request:
+            # An intent named only by action/target (POST /v1/intents without params.url) has no HTTP
+            # request to bind to. Its warrant records the approval for the SDK, and is bound to the
+            # pseudo-scheme "intent", which no proxied request has: on the data plane it opens nothing.
+            request = {
+                "method": "INTENT",
+                "scheme": "intent",
+                "host": "intent.invalid",
+                "port": 1,
+                "path": "/" + str(state.intent.action),
+                "query": "",
+                "body_sha256": None,
+            }
         rule = next((r for r in self._rules().rules if r.id == stored.rule_id), None)
         ttl = DEFAULT_TTL.get(state.tier, 5 * 60)
         max_uses, bind = 1, Bind.EXACT
@@ -150,7 +160,6 @@ class WarrantRequests:
             if rule.warrant.ttl_seconds is not None:
                 ttl = min(ttl, rule.warrant.ttl_seconds)
             max_uses, bind = rule.warrant.max_uses, Bind(rule.warrant.bind)
-        request = stored.request
         exact = bind is Bind.EXACT
         constraints = Constraints(
             method=str(request["method"]),
@@ -160,7 +169,7 @@ class WarrantRequests:
             path=None if bind is Bind.HOST else str(request["path"]),
             path_prefix=None,
             query=str(request["query"]) if exact else None,
-            body_sha256=str(request["body_sha256"]) if exact else None,
+            body_sha256=str(request["body_sha256"]) if exact and request["body_sha256"] else None,
             max_uses=max_uses,
         )
         issued = int(now)

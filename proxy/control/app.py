@@ -269,7 +269,7 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
         raise _BadRequest("status must be pending, approved, denied or expired")
     found = sidecar.store.list_requests(status, sidecar.clock())
     items = [sidecar.warrant_requests.view(item, include_warrant=False) for item in found]
-    return web.json_response({"warrant_requests": items, "count": len(items)})
+    return web.json_response(items)  # §7 "list": a bare JSON array
 
 
 async def _vote(request: web.Request, approve: bool) -> web.Response:

@@ -64,7 +64,7 @@ def test_warrants_are_audited_by_id_and_hash(scripted: ScriptedRun) -> None:
 
 def test_every_audit_event_is_one_json_line_on_stdout(scripted: ScriptedRun) -> None:
     records = list(stdout_records(scripted.stdout))  # every stdout line is JSON
-    assert {record.get("log") for record in records} == {"vienna.audit", "vienna.checkpoint"}
+    assert {record.get("log") for record in records} == {"vienna.audit"}  # nothing but events
     audit_lines = [record for record in records if record["log"] == "vienna.audit"]
     stored = events(scripted.db)
     assert [(line["seq"], line["hash"]) for line in audit_lines] == [
@@ -94,10 +94,10 @@ def test_one_decision_line_per_request_with_the_id_the_client_got(scripted: Scri
     ]
 
 
-def test_checkpoints_are_logged_on_stdout_too(scripted: ScriptedRun) -> None:
+def test_checkpoints_are_logged_as_json_lines_on_stderr(scripted: ScriptedRun) -> None:
     logged = [
-        {k: v for k, v in record.items() if k != "log"}
-        for record in stdout_records(scripted.stdout)
-        if record["log"] == "vienna.checkpoint"
+        {k: v for k, v in json.loads(line).items() if k != "log"}
+        for line in scripted.stderr.splitlines()
+        if line.startswith('{"head_hash"') or '"log": "vienna.checkpoint"' in line
     ]
     assert logged == [json.loads(line) for line in scripted.checkpoints.read_text().splitlines()]

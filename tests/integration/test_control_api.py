@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 
 from tests.integration.harness import TOKENS, VIENNA, Sidecar, Upstream, assert_refused, clean_env, unique
@@ -36,6 +38,16 @@ def test_intent_for_a_t3_action_is_a_passback_that_two_operators_can_approve(sid
         vote = sidecar.approve(request["id"], who)
         assert vote.status_code == 200, vote.text
     assert sidecar.get_request(request["id"])["status"] == "approved"
+
+    # Asking again answers with the approval and its warrant (the seed SDK's contract) ...
+    answer = sidecar.api("POST", "/v1/intents", body=intent).json()
+    assert (answer["mode"], answer["status"]) == ("passback", "approved")
+    assert answer["warrant_request"]["id"] == request["id"]
+    assert answer["warrant"] == sidecar.get_request(request["id"])["warrant"]
+    assert answer["warrant_id"].startswith("wt_")
+    # ... but a warrant bound to no HTTP request opens nothing on the data plane.
+    claims = json.loads(base64.urlsafe_b64decode(answer["warrant"].split(".")[1] + "=="))
+    assert claims["con"]["scheme"] == "intent"
 
 
 def test_intent_naming_a_request_is_classified_and_its_warrant_works_on_the_proxy(

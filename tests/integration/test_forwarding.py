@@ -56,7 +56,7 @@ def test_t1_rule_over_its_rate_is_refused_429_with_retry_after(sidecar: Sidecar,
     statuses = [sidecar.request("POST", upstream.url(path), data=b"x").status_code for _ in range(2)]
     assert statuses == [200, 200]
     refused = sidecar.request("POST", upstream.url(path), data=b"x")
-    body = assert_refused(refused, 429, "rate_limited", "policy.rate_limited")
+    body = assert_refused(refused, 429, "denied", "policy.rate_limited")
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert body["tier"] == "T1"
     assert body["intent"]["rule"] == "limited"

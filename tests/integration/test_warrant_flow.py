@@ -144,9 +144,9 @@ def test_pending_list_needs_an_operator_and_shows_the_request(sidecar: Sidecar, 
     assert sidecar.api("GET", "/v1/warrant-requests?status=pending").status_code == 401
     listed = sidecar.api("GET", "/v1/warrant-requests?status=pending", token=TOKENS["bob"])
     assert listed.status_code == 200
-    ids = {item["id"] for item in listed.json()["warrant_requests"]}
+    ids = {item["id"] for item in listed.json()}
     assert passback["warrant_request"]["id"] in ids
-    assert all("warrant" not in item for item in listed.json()["warrant_requests"])
+    assert all("warrant" not in item for item in listed.json())
 
 
 def test_unknown_warrant_request_is_404(sidecar: Sidecar) -> None:

@@ -211,7 +211,12 @@ REFUSALS: list[tuple[str, str, dict[str, object], str]] = [
     ("typ JWT", craft({**HEADER, "typ": "JWT"}, payload_with()), {}, "warrant.type"),
     ("typ missing", craft({"alg": "HS256", "kid": "k1"}, payload_with()), {}, "warrant.type"),
     ("unknown kid", craft({**HEADER, "kid": "k9"}, payload_with()), {}, "warrant.unknown_key"),
-    ("missing kid", craft({"alg": "HS256", "typ": "warrant+jwt"}, payload_with()), {}, "warrant.unknown_key"),
+    (
+        "missing kid, other secret",
+        craft({"alg": "HS256", "typ": "warrant+jwt"}, payload_with(), key=OTHER_SECRET),
+        {},
+        "warrant.bad_signature",
+    ),
     ("kid not text", craft({**HEADER, "kid": 1}, payload_with()), {}, "warrant.unknown_key"),
     ("other secret", craft(HEADER, payload_with(), key=OTHER_SECRET), {}, "warrant.bad_signature"),
     ("edited payload", f"{_EDITED[0]}.{_EDITED_PAYLOAD}.{_EDITED[2]}", {}, "warrant.bad_signature"),
@@ -448,3 +453,10 @@ def test_verify_never_raises_on_well_formed_tokens_with_arbitrary_claims(
 def test_signed_tokens_with_arbitrary_constraints_never_raise(con: dict[str, object]) -> None:
     token = craft(HEADER, payload_with(con=con))
     assert isinstance(check(token), WarrantValid | WarrantRefused)
+
+
+def test_a_token_without_kid_is_checked_against_the_active_key() -> None:
+    token = craft({"alg": "HS256", "typ": "warrant+jwt"}, payload_with())
+    assert isinstance(
+        verify(token, REQUEST, agent=AGENT, keys=KEYS, now=NOW, required_tier=Tier.T2), WarrantValid
+    )

@@ -239,7 +239,7 @@ def test_t1_rate_limit_answers_429_with_retry_after(main: Sidecar, upstream: Ups
         statuses.append(one(main.exchange(request)).status)
     assert statuses == [200, 200, 200]
     fourth = one(main.exchange(raw_request("POST", upstream.authority, f"/limited/{marker}/3", body=b"n=1")))
-    body = assert_refused(fourth, 429, "policy.rate_limited", "rate_limited")
+    body = assert_refused(fourth, 429, "policy.rate_limited", "denied")
     assert body["intent"]["rule"] == "limited"
     retry_after = fourth.header("retry-after")
     assert retry_after is not None and retry_after.isdigit() and 1 <= int(retry_after) <= 60

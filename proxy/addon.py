@@ -98,15 +98,7 @@ class EnforcementAddon:
             length = flow.request.headers.get_all("content-length")
             limit = self.sidecar.settings.max_body_bytes
             if length and any(not value.strip().isdigit() or int(value) > limit for value in length):
-                flow.response = self._refuse_early(
-                    flow,
-                    _Refusal(
-                        413,
-                        "bad_request",
-                        "request.body_too_large",
-                        f"request body over the {limit}-byte limit",
-                    ),
-                )
+                flow.response = self._refuse_early(flow, _body_too_large(limit))
             elif _transfer_codings(flow.request) not in ([], ["chunked"]):
                 # mitmproxy removes only the chunked framing; a body under another coding would be
                 # forwarded as if it had none, so it is refused rather than changed.
@@ -213,15 +205,7 @@ class EnforcementAddon:
             and len(flow.request.raw_content) > sidecar.settings.max_body_bytes
         ):
             # a chunked body has no Content-Length for requestheaders to refuse early; refuse (and audit) here
-            flow.response = self._refuse_early(
-                flow,
-                _Refusal(
-                    413,
-                    "bad_request",
-                    "request.body_too_large",
-                    f"request body over the {sidecar.settings.max_body_bytes}-byte limit",
-                ),
-            )
+            flow.response = self._refuse_early(flow, _body_too_large(sidecar.settings.max_body_bytes))
             return
         unresolved: _Refusal | None = None
         try:
@@ -563,6 +547,10 @@ def _transfer_codings(request: http.Request) -> list[str]:
         for token in value.split(",")
         if token.strip()
     ]
+
+
+def _body_too_large(limit: int) -> _Refusal:
+    return _Refusal(413, "bad_request", "request.body_too_large", f"request body over the {limit}-byte limit")
 
 
 def _with_address(request: Request, address: str) -> Request:

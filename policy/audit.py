@@ -239,26 +239,36 @@ def redact(obj: object) -> object:
 def redact_with_paths(obj: object) -> tuple[object, tuple[str, ...]]:
     """Like `redact`, also naming what was redacted (`$.request.headers[0][1]`) for the event."""
     found: list[str] = []
-    return _redact(obj, "$", found), tuple(found)
+    return _redact(obj, (), found), tuple(found)
 
 
-def _redact(obj: object, path: str, found: list[str]) -> object:
+def _path_text(path: tuple[str | int, ...]) -> str:
+    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+
+
+def _redact(obj: object, path: tuple[str | int, ...], found: list[str]) -> object:
+    # Paths are kept as tuples and only turned into text for what is redacted: this runs on every
+    # audit event, and almost nothing in a payload is a secret.
     if isinstance(obj, Mapping):
         result: dict[object, object] = {}
         for key, value in obj.items():
-            child = f"{path}.{key}"
             if isinstance(key, str) and key.lower() in SECRET_KEYS:
-                found.append(child)
+                found.append(_path_text((*path, key)))
                 result[key] = REDACTED
+            elif isinstance(value, Mapping | list | tuple):
+                result[key] = _redact(value, (*path, str(key)), found)
             else:
-                result[key] = _redact(value, child, found)
+                result[key] = value
         return result
     if isinstance(obj, list | tuple):
         # Headers are often kept as [name, value] pairs rather than a mapping.
         if len(obj) == 2 and isinstance(obj[0], str) and obj[0].lower() in SECRET_HEADERS:
-            found.append(f"{path}[1]")
+            found.append(_path_text((*path, 1)))
             items: list[object] = [obj[0], REDACTED]
         else:
-            items = [_redact(item, f"{path}[{i}]", found) for i, item in enumerate(obj)]
+            items = [
+                _redact(item, (*path, i), found) if isinstance(item, Mapping | list | tuple) else item
+                for i, item in enumerate(obj)
+            ]
         return tuple(items) if isinstance(obj, tuple) else items
     return obj

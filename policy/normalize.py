@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import unicodedata
@@ -62,6 +63,9 @@ _MAX_NAME = 253
 _MAX_LABEL = 63
 
 
+# Both are pure and agents call the same few hosts and paths again and again: cache the results
+# (refusals raise, and exceptions are never cached).
+@functools.lru_cache(maxsize=4096)
 def normalize_host(host: str) -> str:
     """Lower-case ASCII name without trailing dot, or a canonical IP literal (IPv6 without brackets)."""
     for char in host:
@@ -168,6 +172,7 @@ _REFUSED_ESCAPES = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_path(path: str) -> str:
     """The path with unreserved escapes decoded, dot-segments removed and slashes collapsed.
 

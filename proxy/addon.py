@@ -262,7 +262,20 @@ class EnforcementAddon:
             not forwards and sidecar.settings.dryrun and decision.verdict is not Verdict.BAD_REQUEST
         )
 
-        # record: durable before anything is forwarded
+        # record: the intent (queued), then the decision, committed together before anything is forwarded
+        sidecar.recorder.record(
+            "intent",
+            agent=sidecar.settings.agent_id,
+            policy_revision=decision.policy_revision,
+            payload={
+                "decision_id": decision_id,
+                "intent": decision.intent.as_dict(),
+                "tier": decision.tier.value,
+                "request": _audit_request(request),
+                "source": "proxy",
+            },
+            durable=False,
+        )
         self._record_decision(
             flow,
             request,

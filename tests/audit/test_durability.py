@@ -100,10 +100,10 @@ def test_kill_9_under_load_loses_no_forwarded_request(tmp_path: Path, upstream: 
         assert again.stop() == 0
     after = events(sidecar.db)
     assert after[: len(stored)] == stored
-    assert [event.type for event in after[len(stored) :]] == ["decision", "execution"]
+    assert [event.type for event in after[len(stored) :]] == ["intent", "decision", "execution"]
     result = run_vienna("audit", "verify", str(sidecar.db))
     assert result.returncode == 0, result.stdout
-    assert result.stdout.startswith(f"ok: {len(stored) + 2} events, chain intact")
+    assert result.stdout.startswith(f"ok: {len(stored) + 3} events, chain intact")
 
 
 def test_stdout_never_shows_an_event_that_a_kill_9_takes_back(tmp_path: Path, upstream: Upstream) -> None:

@@ -56,6 +56,7 @@ def test_a_replayed_warrant_counts_once_as_replayed_and_not_as_valid(scripted: S
 
 def test_audit_events_total_matches_the_database(scripted: ScriptedRun) -> None:
     expected = {
+        "intent": 8,  # one per classified request (the %2F one is refused before classification)
         "decision": 9,
         "execution": 4,
         "warrant_request": 1,

@@ -49,11 +49,11 @@ def test_the_intact_log_verifies_with_a_one_line_summary(scripted: ScriptedRun) 
     assert scripted.exit_code == 0
     checkpoints = [json.loads(line) for line in scripted.checkpoints.read_text().splitlines()]
     # every 5 events, and one more on the clean stop
-    assert [entry["size"] for entry in checkpoints] == [5, 10, 15, 18]
+    assert [entry["size"] for entry in checkpoints] == [5, 10, 15, 20, 25, 26]
     code, out = _verify(scripted.db, scripted.checkpoints, scripted.audit_key)
     head = events(scripted.db)[-1].hash
     assert code == 0
-    assert out == f"ok: 18 events, chain intact, head {head[:16]}, 4 signed checkpoints verified\n"
+    assert out == f"ok: 26 events, chain intact, head {head[:16]}, 6 signed checkpoints verified\n"
     # the defaults find checkpoints.jsonl and audit.key next to the database
     default = run_vienna("audit", "verify", str(scripted.db))
     assert (default.returncode, default.stdout) == (0, out)
@@ -120,7 +120,7 @@ def test_two_swapped_events_are_detected_at_the_first(scripted: ScriptedRun, tmp
 
 @pytest.mark.parametrize(
     ("keep", "checkpoint", "covers"),
-    [(16, 4, 18), (15, 4, 18), (12, 3, 15), (0, 1, 5)],
+    [(25, 6, 26), (20, 5, 25), (12, 3, 15), (0, 1, 5)],
     ids=["one-cut", "cut-at-a-checkpoint", "cut-across-a-checkpoint", "everything-cut"],
 )
 def test_a_tail_cut_after_a_signed_checkpoint_is_truncated(
@@ -139,12 +139,14 @@ def test_a_tail_cut_after_a_signed_checkpoint_is_truncated(
 def test_a_rewritten_tail_with_recomputed_hashes_differs_from_the_signed_checkpoint(
     scripted: ScriptedRun, tmp_path: Path
 ) -> None:
-    """An attacker who rewrites events 12.. and recomputes every hash still cannot sign checkpoints."""
+    """An attacker who rewrites events from the first approval on and recomputes every hash still
+    cannot sign checkpoints."""
     original = events(scripted.db)
+    first = next(i for i, event in enumerate(original) if event.type == "approval")
 
     def rewrite(db: sqlite3.Connection) -> None:
-        prev = original[10].hash
-        for event in original[11:]:
+        prev = original[first - 1].hash
+        for event in original[first:]:
             payload = (
                 {**event.payload, "justification": "rewritten"} if event.type == "approval" else event.payload
             )
@@ -163,9 +165,10 @@ def test_a_rewritten_tail_with_recomputed_hashes_differs_from_the_signed_checkpo
             )
             prev = forged.hash
 
-    assert original[11].type == "approval"
+    sizes = [json.loads(line)["size"] for line in scripted.checkpoints.read_text().splitlines()]
+    number, size = next((n, size) for n, size in enumerate(sizes, start=1) if size >= original[first].seq)
     code, out = _tampered(scripted, tmp_path, rewrite)
-    assert (code, out) == (1, "TAMPERED: event seq 15: differs from signed checkpoint 3\n")
+    assert (code, out) == (1, f"TAMPERED: event seq {size}: differs from signed checkpoint {number}\n")
 
 
 def _forged_checkpoints(
@@ -180,15 +183,17 @@ def test_a_forged_checkpoint_line_is_refused(scripted: ScriptedRun, tmp_path: Pa
     head = events(scripted.db)[-1].hash
     ts = 1.8e9
     attacker_key = b"not-the-audit-key-" * 3
+    size = len(events(scripted.db))
     forged = {
-        "size": 18,
+        "size": size,
         "head_hash": head,
         "ts": ts,
-        "sig": sign_checkpoint(checkpoint_payload(18, head, ts), attacker_key),
+        "sig": sign_checkpoint(checkpoint_payload(size, head, ts), attacker_key),
     }
     path = _forged_checkpoints(scripted, tmp_path, lambda lines: [*lines, json.dumps(forged)])
+    line = len(scripted.checkpoints.read_text().splitlines()) + 1
     code, out = _verify(scripted.db, path, scripted.audit_key)
-    assert (code, out) == (1, f"{path}:5: checkpoint signature does not verify (forged or wrong key)\n")
+    assert (code, out) == (1, f"{path}:{line}: checkpoint signature does not verify (forged or wrong key)\n")
 
 
 def test_an_edited_checkpoint_line_is_refused(scripted: ScriptedRun, tmp_path: Path) -> None:
@@ -202,7 +207,8 @@ def test_an_edited_checkpoint_line_is_refused(scripted: ScriptedRun, tmp_path: P
     assert (code, out) == (1, f"{path}:1: checkpoint signature does not verify (forged or wrong key)\n")
     garbage = _forged_checkpoints(scripted, tmp_path, lambda lines: [*lines, "{not json"])
     code, out = _verify(scripted.db, garbage, scripted.audit_key)
-    assert (code, out) == (1, f"{garbage}:5: malformed checkpoint\n")
+    line = len(scripted.checkpoints.read_text().splitlines()) + 1
+    assert (code, out) == (1, f"{garbage}:{line}: malformed checkpoint\n")
 
 
 def test_checkpoints_signed_with_another_key_do_not_verify(scripted: ScriptedRun, tmp_path: Path) -> None:

@@ -145,9 +145,12 @@ FORGERIES: list[tuple[str, Forger, str]] = [
     ("kid-path-traversal", lambda m, p: _signed(m, p, kid="../../../../dev/null"), "warrant.unknown_key"),
     ("kid-number", lambda m, p: _signed(m, p, kid=1), "warrant.unknown_key"),
     (
-        "kid-missing",
-        lambda m, p: hand_signed({"alg": "HS256", "typ": "warrant+jwt"}, p, m.secret),
-        "warrant.unknown_key",
+        # without a kid the active key is used, so only a token signed with another secret can fail
+        "kid-missing-other-secret",
+        lambda m, p: hand_signed(
+            {"alg": "HS256", "typ": "warrant+jwt"}, p, b"an-attacker-chosen-secret-0123456789"
+        ),
+        "warrant.bad_signature",
     ),
     ("header-jku", lambda m, p: _signed(m, p, jku="http://evil.example/keys"), "warrant.malformed"),
     ("header-crit", lambda m, p: _signed(m, p, crit=["exp"]), "warrant.malformed"),

@@ -185,7 +185,15 @@ def normalize_path(path: str) -> str:
     result = _remove_dot_segments(path, _decode_unreserved(path))
     if _DOUBLE_ENCODED.search(result):
         raise _ambiguous_path(path, "is percent-encoded twice")
+    if _EDGE_WHITESPACE.search(result):
+        # Some servers trim whitespace around segments (Spring, CVE-2016-5007): `/admin%20/x`
+        # would be `/admin/x` to them while no `/admin/**` rule matches it here.
+        raise _ambiguous_path(path, "has a segment that starts or ends with encoded whitespace")
     return result
+
+
+# an encoded space or tab right after a '/' or right before a '/' or the end of the path
+_EDGE_WHITESPACE = re.compile(r"/%(?:20|09)|%(?:20|09)(?:/|$)")
 
 
 def _decode_unreserved(path: str) -> str:

@@ -216,7 +216,7 @@ def test_every_ip_literal_normalises_to_itself_or_its_mapped_ipv4(ip: IPv4Addres
         pytest.param("/%c3%a9", "/%C3%A9", id="utf8-escape-upper-cased"),
         pytest.param("/%E2%82%AC", "/%E2%82%AC", id="three-byte-utf8"),
         pytest.param("/%f0%9f%98%80", "/%F0%9F%98%80", id="four-byte-utf8"),
-        pytest.param("/%20", "/%20", id="encoded-space-kept"),
+        pytest.param("/a%20b", "/a%20b", id="encoded-space-inside-a-segment-kept"),
         pytest.param("/%3f", "/%3F", id="encoded-question-mark-kept"),
         pytest.param("/100%25", "/100%25", id="lone-encoded-percent-at-end"),
         pytest.param("/%25zz", "/%25zz", id="encoded-percent-before-non-hex"),
@@ -279,6 +279,10 @@ def test_path_that_is_not_origin_form_is_a_bad_target(raw: str) -> None:
         pytest.param("/a/../..", id="second-dotdot-above-root"),
         pytest.param("/../a", id="leading-dotdot"),
         pytest.param("/%2e%2e/a", id="encoded-dotdot-above-root"),
+        pytest.param("/admin%20/x", id="segment-ending-in-encoded-space"),
+        pytest.param("/%20admin/x", id="segment-starting-with-encoded-space"),
+        pytest.param("/admin%09", id="path-ending-in-encoded-tab"),
+        pytest.param("/%20", id="encoded-space-segment"),
     ],
 )
 def test_ambiguous_path_is_refused(raw: str) -> None:

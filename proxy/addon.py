@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -13,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 from mitmproxy.addonmanager import Loader
-from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy import commands, events, layer, layers
-from mitmproxy.proxy.layers.http import HTTPMode, _http1
+from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode
 
 from policy import engine
 from policy.model import Decision, Request, Tier, Verdict
 from policy.normalize import AmbiguousRequest, build_request, default_port, normalize_host
+from proxy import mitm_hardening
 from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
 from proxy.forward import UpstreamError
 from proxy.store import StoreUnavailable
@@ -43,6 +42,7 @@ class _Refusal(Exception):
 class EnforcementAddon:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
+        mitm_hardening.install()  # JSON refusals and a bounded head for what mitmproxy refuses itself
         # Test-only fault injection, read once at start-up: with VIENNA_TEST_FAULT=addon the addon
         # raises right before forwarding an allowed request, so tests can prove that a raising addon
         # refuses instead of letting mitmproxy forward on its own. It can only ever refuse more.
@@ -658,72 +658,3 @@ def _relayed_response(relayed: Any, request: Request, decision: str, decision_id
         timestamp_start=now,
         timestamp_end=now,
     )
-
-
-# --- mitmproxy hardening ---------------------------------------------------------------------------
-# mitmproxy answers some requests itself before any hook runs: smuggling-prone framing (CL+TE, duplicate
-# or bad Content-Length, unknown Transfer-Encoding), a malformed request line, a body over the limit.
-# Those answers keep the contract of every other refusal: JSON with a reason_code, Vienna-Decision: deny.
-# And it buffers a request head without bound (its own "FIXME: protect against header size DoS"), so
-# the head is capped here.
-
-MAX_REQUEST_HEAD = 64 * 1024
-_END_OF_HEAD = re.compile(rb"\n\r?\n")  # what mitmproxy's reader (h11's buffer) ends a head at
-
-
-def _protocol_reason_code(status: int, message: str) -> str:
-    text = message.lower()
-    if status == 413:
-        return "request.body_too_large"
-    if status == 431:
-        return "request.headers_too_large"
-    if any(word in text for word in ("content-length", "transfer-encoding", "chunk", "smuggling")):
-        return "request.bad_framing"
-    if "request line" in text:
-        return "request.bad_target"
-    if "header" in text:
-        return "request.bad_header"
-    return "request.malformed" if 400 <= status < 500 else "internal.error"
-
-
-def _protocol_error_response(status_code: int, message: str = "") -> bytes:
-    """Replaces mitmproxy's HTML error page for requests it refuses before any hook runs."""
-    reason = message.split(" Disable the ", 1)[0][:300]  # mitmproxy advises turning its checks off; drop that
-    if status_code == 413:
-        reason = "request body over the --max-body-bytes limit"
-    response = plain_error(
-        status_code,
-        "bad_request" if 400 <= status_code < 500 else "denied",
-        _protocol_reason_code(status_code, message),
-        reason or "malformed request",
-    )
-    response.headers["Connection"] = "close"
-    raw: bytes = assemble_response(response)  # type: ignore[no-untyped-call]
-    return raw
-
-
-_original_read_headers = _http1.Http1Server.read_headers
-
-
-def _read_headers_bounded(
-    self: _http1.Http1Server, event: events.ConnectionEvent
-) -> layer.CommandGenerator[None]:
-    if isinstance(event, events.DataReceived):
-        raw = bytes(self.buf)
-        head = raw.lstrip(b"\r\n")
-        if len(head) < len(raw):
-            # Blank lines before a request line are skipped (RFC 9112 §2.2). h11 skips one per read and
-            # then waits for more data, so a request already buffered behind two of them would hang.
-            self.buf.maybe_extract_at_most(len(raw) - len(head))
-        if len(head) > MAX_REQUEST_HEAD and _END_OF_HEAD.search(head[:MAX_REQUEST_HEAD]) is None:
-            yield commands.SendData(
-                self.conn, _protocol_error_response(431, f"request head over {MAX_REQUEST_HEAD} bytes")
-            )
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
-            return
-    yield from _original_read_headers(self, event)
-
-
-_http1.make_error_response = _protocol_error_response
-_http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]

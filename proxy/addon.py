@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -93,7 +93,6 @@ class EnforcementAddon:
             )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        flow.metadata["vienna.started"] = time.perf_counter()
         try:
             length = flow.request.headers.get_all("content-length")
             limit = self.sidecar.settings.max_body_bytes
@@ -143,7 +142,7 @@ class EnforcementAddon:
                     "decision_id": "d_" + secrets.token_hex(8),
                     "decision": "bad_request",
                     "forwarded": False,
-                    "reason_code": "request.protocol_error",
+                    "reason_code": mitm_hardening.protocol_reason_code(400, flow.error.msg),
                     "reason": flow.error.msg[:300],
                     "tier": "deny",
                     "request": {
@@ -187,7 +186,13 @@ class EnforcementAddon:
         sidecar = self.sidecar
         rules = sidecar.rules
         decision_id = "d_" + secrets.token_hex(8)
-        started = flow.metadata.get("vienna.started") or time.perf_counter()
+        started = time.perf_counter()
+        raw_body = flow.request.raw_content
+        if raw_body is not None and len(raw_body) > sidecar.settings.max_body_bytes:
+            # Backstop only: mitmproxy's body_size_limit (set in load) refuses these before this hook.
+            # Checked before adapting, which hashes the body.
+            flow.response = self._refuse_early(flow, _body_too_large(sidecar.settings.max_body_bytes))
+            return
 
         # adapt
         try:
@@ -199,13 +204,6 @@ class EnforcementAddon:
             flow.response = json_response(
                 400, deny_body(decision, decision_id=decision_id), decision_id=decision_id
             )
-            return
-        if (
-            flow.request.raw_content is not None
-            and len(flow.request.raw_content) > sidecar.settings.max_body_bytes
-        ):
-            # a chunked body has no Content-Length for requestheaders to refuse early; refuse (and audit) here
-            flow.response = self._refuse_early(flow, _body_too_large(sidecar.settings.max_body_bytes))
             return
         unresolved: _Refusal | None = None
         try:
@@ -284,6 +282,7 @@ class EnforcementAddon:
             forwarded=forwards or dryrun_forward,
             label=label,
             warrant_request=warrant_request,
+            would_deny=dryrun_forward,
         )
         self._observe(decision, started, label)
 
@@ -318,7 +317,6 @@ class EnforcementAddon:
                     request, decision, decision_id, status=0, size=0, seconds=0.0, error="internal.error"
                 )
                 raise
-            sidecar.metrics.upstream_seconds.observe(0.0)
             self._record_execution(
                 request, decision, decision_id, status=exc.status, size=0, seconds=0.0, error=exc.code
             )
@@ -434,6 +432,7 @@ class EnforcementAddon:
         forwarded: bool,
         label: str | None = None,
         warrant_request: dict[str, Any] | None = None,
+        would_deny: bool = False,
     ) -> None:
         payload: dict[str, Any] = {
             "decision_id": decision_id,
@@ -446,7 +445,7 @@ class EnforcementAddon:
             "enforcement": self.sidecar.settings.enforcement,
             "client": _peer(flow),
         }
-        if self.sidecar.settings.dryrun and forwarded and not decision.forwards:
+        if would_deny:
             payload["would_deny"] = True
         if request is not None:
             payload["request"] = _audit_request(request)
@@ -567,14 +566,10 @@ def _body_too_large(limit: int) -> _Refusal:
 
 
 def _with_address(request: Request, address: str) -> Request:
-    from dataclasses import replace
-
     return replace(request, address=address)
 
 
 def _replace_verdict(decision: Decision, verdict: Verdict, code: str, reason: str) -> Decision:
-    from dataclasses import replace
-
     return replace(decision, verdict=verdict, reason_code=code, reason=reason)
 
 

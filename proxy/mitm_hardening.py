@@ -20,9 +20,10 @@ MAX_REQUEST_HEAD = 64 * 1024
 _END_OF_HEAD = re.compile(rb"\n\r?\n")  # what mitmproxy's reader (h11's buffer) ends a head at
 
 
-def _protocol_reason_code(status: int, message: str) -> str:
+def protocol_reason_code(status: int, message: str) -> str:
+    """The dotted reason code for a refusal mitmproxy made itself, from its status and message."""
     text = message.lower()
-    if status == 413:
+    if status == 413 or "body_size_limit" in text:
         return "request.body_too_large"
     if status == 431:
         return "request.headers_too_large"
@@ -43,7 +44,7 @@ def _protocol_error_response(status_code: int, message: str = "") -> bytes:
     response = plain_error(
         status_code,
         "bad_request" if 400 <= status_code < 500 else "denied",
-        _protocol_reason_code(status_code, message),
+        protocol_reason_code(status_code, message),
         reason or "malformed request",
     )
     response.headers["Connection"] = "close"

@@ -138,9 +138,11 @@ async def submit_intent(request: web.Request) -> web.Response:
         decision = _with_intent(decision, intent)
     sidecar.recorder.record(
         "intent",
-        agent=agent,
+        agent=sidecar.settings.agent_id,  # the chain's agent is the one this sidecar serves
         policy_revision=rules.revision,
         payload={
+            "claimed_agent_id": agent,  # what the caller said, kept but not trusted
+            "source": "api",
             "action": action,
             "target": target,
             "params_keys": sorted(params),

@@ -122,7 +122,7 @@ def test_chunked_body_over_max_body_bytes_is_refused_413(sidecar: Sidecar, upstr
     # mitmproxy refused it before our request hook; the error hook still audits it
     events = sidecar.api("GET", "/v1/audit?after=0&limit=10000", token=TOKENS["alice"]).json()["events"]
     recorded = [e for e in events if e["type"] == "decision" and e["payload"]["request"].get("path") == path]
-    assert [e["payload"]["reason_code"] for e in recorded] == ["request.protocol_error"]
+    assert [e["payload"]["reason_code"] for e in recorded] == ["request.body_too_large"]
     assert recorded[0]["payload"]["forwarded"] is False
 
 

@@ -445,9 +445,11 @@ def test_shadowed_rule_is_a_warning_not_an_error() -> None:
     ]
 
 
-def test_duplicate_id_is_a_warning() -> None:
-    rules = load_rules((LINT / "duplicate_id.yaml").read_text(), file="duplicate_id.yaml")
-    assert [str(w) for w in rules.warnings] == [
+def test_duplicate_id_is_an_error() -> None:
+    # rules are found again by id (warrant terms, rate limits), so a duplicate would borrow settings
+    with pytest.raises(PolicyError) as raised:
+        load_rules((LINT / "duplicate_id.yaml").read_text(), file="duplicate_id.yaml")
+    assert [str(issue) for issue in raised.value.issues] == [
         "duplicate_id.yaml:7: rules[1].id: duplicate id 'read' (first on line 3)"
     ]
 

@@ -64,8 +64,8 @@ def test_check_prints_lint_warnings_and_still_succeeds() -> None:
     ]
     duplicate = FIXTURES / "lint" / "duplicate_id.yaml"
     result = vienna("policy", "check", duplicate)
-    assert result.returncode == 0
-    assert f"warning: {duplicate}:7: rules[1].id: duplicate id 'read'" in result.stderr
+    assert result.returncode == 1  # duplicate ids are errors: rules are found again by id
+    assert f"error: {duplicate}:7: rules[1].id: duplicate id 'read'" in result.stderr
 
 
 def test_check_of_a_missing_file_fails() -> None:

@@ -125,7 +125,11 @@ class RuleSet:
     by_wildcard_suffix: Mapping[str, tuple[int, ...]]
     any_host: tuple[int, ...]
     named_hosts: frozenset[str]
+    by_id: Mapping[str, Rule] = field(default_factory=dict)
     warnings: tuple[PolicyIssue, ...] = ()
+
+    def rule(self, rule_id: str | None) -> Rule | None:
+        return self.by_id.get(rule_id) if rule_id else None
 
     def rules_for_action(self, action: str) -> tuple[Rule, ...]:
         return tuple(rule for rule in self.rules if rule.action == action)
@@ -513,6 +517,7 @@ def _build(rules: list[Rule], default_tier: Tier, text: str, file: str) -> RuleS
         by_wildcard_suffix={host: tuple(ids) for host, ids in suffix.items()},
         any_host=tuple(any_host),
         named_hosts=frozenset(named),
+        by_id={rule.id: rule for rule in rules},  # ids are unique: load_rules refuses duplicates
         warnings=tuple(lint(rules, file)),
     )
 

@@ -16,6 +16,7 @@ from types import MappingProxyType
 import jwt
 
 from policy.model import Intent, Request, Tier
+from policy.rules import Rule
 
 MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 32768  # bounds the parsing work an agent can make us do; `mint` stays below it
@@ -428,3 +429,27 @@ def _obj(obj: Mapping[str, object], key: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise _Malformed(f"claim '{key}' must be an object")
     return value
+
+
+# Issue terms when the rule says nothing (or more): T2 warrants live 15 minutes, T3 five.
+DEFAULT_TTL_SECONDS = MappingProxyType({Tier.T2: 15 * 60, Tier.T3: 5 * 60})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarrantTerms:
+    """How a warrant for one rule is issued: lifetime, uses and how tightly it binds."""
+
+    ttl_seconds: int
+    max_uses: int
+    bind: Bind
+
+
+def terms_for(tier: Tier, rule: Rule | None) -> WarrantTerms:
+    """The rule's `warrant:` settings; its ttl may shorten the tier's default, never lengthen it."""
+    ttl = DEFAULT_TTL_SECONDS.get(tier, DEFAULT_TTL_SECONDS[Tier.T3])
+    if rule is None:
+        return WarrantTerms(ttl_seconds=ttl, max_uses=1, bind=Bind.EXACT)
+    settings = rule.warrant
+    if settings.ttl_seconds is not None:
+        ttl = min(ttl, settings.ttl_seconds)
+    return WarrantTerms(ttl_seconds=ttl, max_uses=settings.max_uses, bind=Bind(settings.bind))

@@ -407,7 +407,7 @@ class EnforcementAddon:
         return destinations.choose(addresses)
 
     def _rate_limited(self, decision: Decision) -> float:
-        rule = self.sidecar.rule_by_id(decision.rule_id)
+        rule = self.sidecar.rules.rule(decision.rule_id)
         if rule is None or rule.limits is None:
             return 0.0
         return self.sidecar.rate_limiter.take(
@@ -415,7 +415,7 @@ class EnforcementAddon:
         )
 
     def _limit_text(self, decision: Decision) -> str:
-        rule = self.sidecar.rule_by_id(decision.rule_id)
+        rule = self.sidecar.rules.rule(decision.rule_id)
         if rule is None or rule.limits is None:
             return "a limited rate"
         return f"{rule.limits.count} requests per {rule.limits.per_seconds}s"

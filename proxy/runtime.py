@@ -19,7 +19,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from policy.rules import PolicyError, Rule, RuleSet, load_rules
+from policy.rules import PolicyError, RuleSet, load_rules
 from policy.warrants import WarrantKeys
 from proxy.addon import EnforcementAddon
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
@@ -64,10 +64,6 @@ class Sidecar:
     api_listening: bool = False
     stopping: bool = False
     inflight: int = 0
-    _rules_by_id: dict[str, Rule] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._index_rules()
 
     @staticmethod
     def clock() -> float:
@@ -76,14 +72,6 @@ class Sidecar:
     @property
     def ready(self) -> bool:
         return self.proxy_listening and self.api_listening and not self.stopping
-
-    def _index_rules(self) -> None:
-        self._rules_by_id = {}
-        for rule in self.rules.rules:
-            self._rules_by_id.setdefault(rule.id, rule)
-
-    def rule_by_id(self, rule_id: str | None) -> Rule | None:
-        return self._rules_by_id.get(rule_id) if rule_id else None
 
     def reload_policy(self) -> bool:
         """Validate the whole file, then swap atomically; a bad file keeps the last good policy."""
@@ -97,7 +85,6 @@ class Sidecar:
             return True
         old = self.rules.revision
         self.rules = new_rules
-        self._index_rules()
         self.metrics.policy_rules.set(len(new_rules.rules))
         self.metrics.policy_reloads.labels(result="success").inc()
         with contextlib.suppress(Exception):

@@ -11,14 +11,13 @@ from typing import Any
 
 from policy import approvals
 from policy.approvals import RequestStatus, WarrantRequest
-from policy.model import Decision, Intent, Request, Tier
+from policy.model import Decision, Request
 from policy.rules import RuleSet
-from policy.warrants import Approval, Bind, Constraints, WarrantClaims, WarrantKeys, constraints_for, mint
+from policy.warrants import Approval, WarrantClaims, WarrantKeys, constraints_for, mint, terms_for
 from proxy.audit_log import Recorder
 from proxy.metrics import Metrics
 from proxy.store import Store, StoredRequest, with_state
 
-DEFAULT_TTL = {Tier.T2: 15 * 60, Tier.T3: 5 * 60}
 ISSUER = "vienna"
 
 
@@ -153,25 +152,18 @@ class WarrantRequests:
                 "query": "",
                 "body_sha256": None,
             }
-        rule = next((r for r in self._rules().rules if r.id == stored.rule_id), None)
-        ttl = DEFAULT_TTL.get(state.tier, 5 * 60)
-        max_uses, bind = 1, Bind.EXACT
-        if rule is not None:
-            if rule.warrant.ttl_seconds is not None:
-                ttl = min(ttl, rule.warrant.ttl_seconds)
-            max_uses, bind = rule.warrant.max_uses, Bind(rule.warrant.bind)
-        exact = bind is Bind.EXACT
-        constraints = Constraints(
+        terms = terms_for(state.tier, self._rules().rule(stored.rule_id))
+        bound = Request(
             method=str(request["method"]),
             scheme=str(request["scheme"]),
             host=str(request["host"]),
             port=int(request["port"]),
-            path=None if bind is Bind.HOST else str(request["path"]),
-            path_prefix=None,
-            query=str(request["query"]) if exact else None,
-            body_sha256=str(request["body_sha256"]) if exact and request["body_sha256"] else None,
-            max_uses=max_uses,
+            path=str(request["path"]),
+            query=str(request["query"]),
+            body_sha256=str(request["body_sha256"] or ""),
         )
+        constraints = constraints_for(bound, bind=terms.bind, max_uses=terms.max_uses)
+        ttl = terms.ttl_seconds
         issued = int(now)
         claims = WarrantClaims(
             iss=ISSUER,
@@ -244,10 +236,8 @@ class WarrantRequests:
 
 
 def constraints_preview(request: Request, decision: Decision, rules: RuleSet) -> dict[str, object]:
-    rule = next((r for r in rules.rules if r.id == decision.rule_id), None)
-    bind = Bind(rule.warrant.bind) if rule is not None else Bind.EXACT
-    max_uses = rule.warrant.max_uses if rule is not None else 1
-    return constraints_for(request, bind=bind, max_uses=max_uses).as_claim()
+    terms = terms_for(decision.tier, rules.rule(decision.rule_id))
+    return constraints_for(request, bind=terms.bind, max_uses=terms.max_uses).as_claim()
 
 
-__all__ = ["Intent", "WarrantRequests", "canonical_request", "constraints_preview"]
+__all__ = ["WarrantRequests", "canonical_request", "constraints_preview"]

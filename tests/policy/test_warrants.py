@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.model import Intent, Request, Tier
+from policy.rules import Rule, load_rules
 from policy.warrants import (
     Approval,
     Bind,
@@ -23,6 +24,7 @@ from policy.warrants import (
     WarrantValid,
     constraints_for,
     mint,
+    terms_for,
     verify,
 )
 
@@ -460,3 +462,25 @@ def test_a_token_without_kid_is_checked_against_the_active_key() -> None:
     assert isinstance(
         verify(token, REQUEST, agent=AGENT, keys=KEYS, now=NOW, required_tier=Tier.T2), WarrantValid
     )
+
+
+def _rule_with_warrant(text: str, tier: str = "T2") -> Rule:
+    document = f"version: 1\nrules:\n  - id: r\n    action: a\n    tier: {tier}\n    warrant: {text}\n"
+    return load_rules(document).rules[0]
+
+
+@pytest.mark.parametrize(
+    ("tier", "warrant", "expected"),
+    [
+        pytest.param(Tier.T2, None, (900, 1, Bind.EXACT), id="t2-defaults"),
+        pytest.param(Tier.T3, None, (300, 1, Bind.EXACT), id="t3-defaults"),
+        pytest.param(Tier.T2, "{ttl: 10m, max_uses: 3, bind: path}", (600, 3, Bind.PATH), id="rule-shortens"),
+        pytest.param(Tier.T3, "{ttl: 1h, bind: host}", (300, 1, Bind.HOST), id="rule-cannot-lengthen"),
+    ],
+)
+def test_warrant_terms_come_from_the_rule_within_the_tier_default(
+    tier: Tier, warrant: str | None, expected: tuple[int, int, Bind]
+) -> None:
+    rule = _rule_with_warrant(warrant, tier.value) if warrant else None
+    terms = terms_for(tier, rule)
+    assert (terms.ttl_seconds, terms.max_uses, terms.bind) == expected

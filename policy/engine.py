@@ -141,3 +141,29 @@ def _decision(
         reason=reason,
         policy_revision=rules.revision,
     )
+
+
+def decide_action(action: str, target: str, *, rules: RuleSet) -> Decision:
+    """An intent named only by its action (POST /v1/intents without a request) gets the highest
+    tier any rule gives that action — fail closed, since the rules' match and `when` cannot be
+    evaluated without a request — or default_tier when no rule names it."""
+    matching = rules.rules_for_action(action)
+    if matching:
+        rule = max(matching, key=lambda r: r.tier.rank)
+        tier, rule_id, code = rule.tier, rule.id, "policy.action"
+        reason = f"action {action!r} is {tier} by rule {rule.id!r}"
+    else:
+        tier, rule_id, code = rules.default_tier, None, "policy.default_tier"
+        reason = f"no rule names action {action!r}; default_tier applies"
+    if tier is Tier.DENY:
+        verdict, code = Verdict.DENIED, "policy.deny"
+    else:
+        verdict = Verdict.WARRANT_REQUIRED if tier.needs_warrant else Verdict.ALLOW
+    return Decision(
+        verdict=verdict,
+        tier=tier,
+        intent=Intent(action=action, target=target, rule=rule_id),
+        reason_code=code,
+        reason=reason,
+        policy_revision=rules.revision,
+    )

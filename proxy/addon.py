@@ -320,18 +320,10 @@ class EnforcementAddon:
             self._record_execution(
                 request, decision, decision_id, status=exc.status, size=0, seconds=0.0, error=exc.code
             )
-            flow.response = json_response(
-                exc.status,
-                {
-                    "error": "upstream_timeout" if exc.status == 504 else "upstream_error",
-                    "reason": exc.reason,
-                    "reason_code": exc.code,
-                    "tier": decision.tier.value,
-                    "intent": decision.intent.as_dict(),
-                    "decision_id": decision_id,
-                },
-                decision_id=decision_id,
-            )
+            error = "upstream_timeout" if exc.status == 504 else "upstream_error"
+            body = deny_body(decision, error=error, decision_id=decision_id)
+            body.update(reason=exc.reason, reason_code=exc.code)
+            flow.response = json_response(exc.status, body, decision_id=decision_id)
             return
         sidecar.metrics.upstream_seconds.observe(relayed.seconds)
         self._record_execution(

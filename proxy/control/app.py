@@ -6,11 +6,13 @@ import json
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from policy import engine
 from policy.approvals import ApprovalError
-from policy.model import Decision, Intent, Tier, Verdict
+from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body
 from proxy.store import StoreUnavailable
@@ -120,8 +122,6 @@ async def submit_intent(request: web.Request) -> web.Response:
     if "url" in params or "method" in params:
         http_request = _params_request(params)
     if http_request is not None:
-        from policy import engine
-
         decision = engine.decide(
             http_request,
             rules=rules,
@@ -131,11 +131,8 @@ async def submit_intent(request: web.Request) -> web.Response:
             now=sidecar.clock(),
         )
     else:
-        decision = _decision_for_action(sidecar, action, target)
+        decision = engine.decide_action(action, target, rules=rules)
     intent = decision.intent
-    if http_request is None:
-        intent = Intent(action=action, target=target, rule=decision.rule_id)
-        decision = _with_intent(decision, intent)
     sidecar.recorder.record(
         "intent",
         agent=sidecar.settings.agent_id,  # the chain's agent is the one this sidecar serves
@@ -201,8 +198,6 @@ async def submit_intent(request: web.Request) -> web.Response:
 
 
 def _params_request(params: dict[str, Any]) -> Any:
-    from urllib.parse import urlsplit
-
     url, method = params.get("url"), params.get("method", "GET")
     if not isinstance(url, str) or not isinstance(method, str):
         raise _BadRequest("params.url and params.method must be strings")
@@ -222,36 +217,6 @@ def _params_request(params: dict[str, Any]) -> Any:
         )
     except (AmbiguousRequest, ValueError) as exc:
         raise _BadRequest(f"params.url: {getattr(exc, 'reason', exc)}") from None
-
-
-def _decision_for_action(sidecar: Sidecar, action: str, target: str) -> Decision:
-    """An intent named only by its action gets the highest tier any rule gives that action (fail closed)."""
-    rules = sidecar.rules
-    matching = rules.rules_for_action(action)
-    if matching:
-        rule = max(matching, key=lambda r: r.tier.rank)
-        tier, rule_id, code = rule.tier, rule.id, "policy.action"
-        reason = f"action {action!r} is {tier} by rule {rule.id!r}"
-    else:
-        tier, rule_id, code = rules.default_tier, None, "policy.default_tier"
-        reason = f"no rule names action {action!r}; default_tier applies"
-    verdict = {Tier.DENY: Verdict.DENIED}.get(
-        tier, Verdict.WARRANT_REQUIRED if tier.needs_warrant else Verdict.ALLOW
-    )
-    return Decision(
-        verdict=verdict,
-        tier=tier,
-        intent=Intent(action=action, target=target, rule=rule_id),
-        reason_code="policy.deny" if tier is Tier.DENY else code,
-        reason=reason,
-        policy_revision=rules.revision,
-    )
-
-
-def _with_intent(decision: Decision, intent: Intent) -> Decision:
-    from dataclasses import replace
-
-    return replace(decision, intent=intent)
 
 
 async def get_warrant_request(request: web.Request) -> web.Response:

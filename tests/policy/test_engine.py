@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy.engine import decide, destination_is_internal, refuse_malformed
+from policy.engine import decide, decide_action, destination_is_internal, refuse_malformed
 from policy.model import Decision, Intent, Request, Tier, Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from policy.rules import RuleSet, load_rules
@@ -502,3 +502,19 @@ def test_normalised_requests_to_a_deny_host_are_never_allowed(
         assert (decision.verdict, decision.tier) == (Verdict.DENIED, Tier.DENY)
     else:
         assert decision.verdict is not Verdict.BAD_REQUEST
+
+
+def test_an_action_only_intent_gets_the_highest_tier_any_rule_gives_that_action() -> None:
+    rules = policy_rules("examples/policies/stripe.yaml")
+    refund = decide_action("stripe.refund", "ch_1", rules=rules)
+    assert (refund.verdict, refund.tier, refund.intent.rule) == (
+        Verdict.WARRANT_REQUIRED,
+        Tier.T3,
+        "stripe-refund-large",
+    )
+    read = decide_action("stripe.read", "", rules=rules)
+    assert (read.verdict, read.tier, read.reason_code) == (Verdict.ALLOW, Tier.T0, "policy.action")
+    gone = decide_action("stripe.delete_customer", "cus_1", rules=rules)
+    assert (gone.verdict, gone.reason_code) == (Verdict.DENIED, "policy.deny")
+    unknown = decide_action("stripe.unknown", "", rules=rules)
+    assert (unknown.tier, unknown.reason_code, unknown.intent.rule) == (Tier.T3, "policy.default_tier", None)

@@ -7,7 +7,7 @@ from policy.classify import Classification, classify
 from policy.model import Decision, Intent, Request, Tier, Verdict
 from policy.normalize import AmbiguousRequest
 from policy.rules import RuleSet
-from policy.warrants import WarrantKeys, WarrantRefused, verify
+from policy.warrants import ISSUER, WarrantKeys, WarrantRefused, verify
 
 _UNKNOWN_INTENT = Intent(action="unknown", target="", rule=None)
 
@@ -20,7 +20,7 @@ def decide(
     agent: str,
     keys: WarrantKeys | None,
     now: float,
-    issuer: str = "vienna",
+    issuer: str = ISSUER,
 ) -> Decision:
     """Classify `request` and say whether it may be forwarded. Any internal failure denies."""
     try:

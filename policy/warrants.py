@@ -22,8 +22,9 @@ MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 32768  # bounds the parsing work an agent can make us do; `mint` stays below it
 ALGORITHM = "HS256"
 TOKEN_TYPE = "warrant+jwt"
+ISSUER = "vienna"
 
-# Only these algorithms are even registered, so PyJWT itself cannot be talked into another one.
+# Used to mint only (verification checks the HMAC itself); HS256 is the one algorithm registered.
 _JWS = jwt.PyJWS(algorithms=[ALGORITHM], options={"enforce_minimum_key_length": True})
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -191,7 +192,7 @@ def verify(
     keys: WarrantKeys,
     now: float,
     required_tier: Tier,
-    issuer: str = "vienna",
+    issuer: str = ISSUER,
     leeway: int = 0,
 ) -> WarrantValid | WarrantRefused:
     """Check `token` for `request`; every failure is a refusal with a stable code, never an exception."""

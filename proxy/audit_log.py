@@ -44,6 +44,7 @@ class Recorder:
         self._stdout = stdout
         self._clock = clock
         self._since_checkpoint = 0
+        self._checkpoint_due = checkpoint_every
         self._flush_handle: asyncio.TimerHandle | None = None
         self._unpublished: list[str] = []  # stdout lines of events not committed yet, in chain order
 
@@ -71,13 +72,11 @@ class Recorder:
             self._schedule_flush()
         self.metrics.audit_events.labels(type=type).inc()
         if self._stdout is not None:
-            self._unpublished.append(
-                json.dumps({"log": "vienna.audit", **event.as_dict()}, separators=(",", ":"), sort_keys=True)
-            )
+            self._unpublished.append(stdout_line(event))
             if self.store.pending == 0:
                 self._publish()
         self._since_checkpoint += 1
-        if self._since_checkpoint >= self._checkpoint_every:
+        if self._since_checkpoint >= self._checkpoint_due:
             try:
                 self.checkpoint()
             except (OSError, StoreUnavailable) as exc:
@@ -85,6 +84,8 @@ class Recorder:
                 # report an error for) a request already decided or executed. Still owed: the
                 # timer, or the next event, tries again.
                 log.error("audit checkpoint failed, will retry: %s", exc)
+                # still owed (dirty): the timer retries, and so do the next N events, not every one
+                self._checkpoint_due = self._since_checkpoint + self._checkpoint_every
         return event
 
     def _schedule_flush(self) -> None:
@@ -142,6 +143,7 @@ class Recorder:
         finally:
             os.close(fd)
         self._since_checkpoint = 0
+        self._checkpoint_due = self._checkpoint_every
         # stdout carries audit events only; the checkpoint goes to the log stream (stderr) as one JSON line.
         try:
             sys.stderr.write(json.dumps({"log": "vienna.checkpoint", **entry}, sort_keys=True) + "\n")
@@ -153,6 +155,18 @@ class Recorder:
     @property
     def dirty(self) -> bool:
         return self._since_checkpoint > 0
+
+
+def stdout_line(event: AuditEvent) -> str:
+    """The event as one JSON line (keys sorted), splicing in the payload text already serialised
+    for the hash instead of serialising it again."""
+    text = json.dumps
+    return (
+        f'{{"agent":{text(event.agent)},"hash":"{event.hash}","log":"vienna.audit",'
+        f'"payload":{event.payload_json or text(event.payload, sort_keys=True, separators=(",", ":"))},'
+        f'"policy_revision":{text(event.policy_revision)},"prev_hash":"{event.prev_hash}",'
+        f'"seq":{event.seq},"ts":{text(event.ts)},"type":{text(event.type)}}}'
+    )
 
 
 def stdout_stream(enabled: bool) -> TextIO | None:

@@ -75,7 +75,8 @@ class StoredRequest:
 
 
 class Store:
-    """One connection, used from the event loop thread; every write commits before returning."""
+    """audit.db (the chain) and state.db (warrant requests, consumed warrant ids), used from the event
+    loop thread: durable writes commit before returning, write-behind events wait for the next commit."""
 
     def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
         self.path = path

@@ -13,12 +13,10 @@ from policy import approvals
 from policy.approvals import RequestStatus, WarrantRequest
 from policy.model import Decision, Request
 from policy.rules import RuleSet
-from policy.warrants import Approval, WarrantClaims, WarrantKeys, constraints_for, mint, terms_for
+from policy.warrants import ISSUER, Approval, WarrantClaims, WarrantKeys, constraints_for, mint, terms_for
 from proxy.audit_log import Recorder
 from proxy.metrics import Metrics
 from proxy.store import Store, StoredRequest, with_state
-
-ISSUER = "vienna"
 
 
 def request_fingerprint(agent: str, canonical: Mapping[str, Any]) -> str:

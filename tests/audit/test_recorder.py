@@ -126,3 +126,21 @@ def test_a_locked_database_refuses_durable_events_and_keeps_the_chain_gap_free(t
         other.close()
         store.close()
     assert [event.payload["n"] for event in read_events(tmp_path / "audit.db")] == [1, 3]
+
+
+def test_the_stdout_line_is_the_event_as_sorted_json() -> None:
+    from policy.audit import GENESIS_HASH, link
+    from proxy.audit_log import stdout_line
+
+    event = link(
+        prev_hash=GENESIS_HASH,
+        seq=7,
+        ts=1.5,
+        type="decision",
+        agent='agent "é"',
+        policy_revision="rev",
+        payload={"b": [1, {"c": None}], "a": "x\n"},
+    )
+    line = stdout_line(event)
+    assert "\n" not in line
+    assert json.loads(line) == {"log": "vienna.audit", **event.as_dict()}

@@ -48,6 +48,16 @@ def refuse_malformed(problem: AmbiguousRequest, *, rules: RuleSet) -> Decision:
     )
 
 
+INTERNAL_DESTINATION = "destination.internal"
+
+
+def internal_destination_reason(request: Request, rules: RuleSet) -> str | None:
+    """Why `request` may not go where it is going (an internal address no rule names), or None."""
+    if destination_is_internal(request, rules):
+        return f"{request.host} is an internal address and no rule names it"
+    return None
+
+
 def destination_is_internal(request: Request, rules: RuleSet) -> bool:
     """Internal addresses pass only when a rule names that exact host or address."""
     candidates = [request.host]
@@ -83,15 +93,9 @@ def _decide(
         return _decision(
             found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"
         )
-    if destination_is_internal(request, rules):
-        return _decision(
-            found,
-            rules,
-            Verdict.DENIED,
-            "destination.internal",
-            f"{request.host} is an internal address and no rule names it",
-            tier=Tier.DENY,
-        )
+    internal = internal_destination_reason(request, rules)
+    if internal is not None:
+        return _decision(found, rules, Verdict.DENIED, INTERNAL_DESTINATION, internal, tier=Tier.DENY)
     if not found.tier.needs_warrant:
         return _decision(found, rules, Verdict.ALLOW, found.reason_code, found.reason)
     if warrant is None:

@@ -68,20 +68,17 @@ class EnforcementAddon:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse CONNECT to malformed or internal targets before any tunnel exists."""
         try:
-            host = normalize_host(flow.request.host)
-            request = Request(method="CONNECT", scheme="https", host=host, port=flow.request.port, path="/")
-            address = await self._resolve(request)
-            request = Request(
-                method="CONNECT", scheme="https", host=host, port=flow.request.port, path="/", address=address
+            target = Request(
+                method="CONNECT",
+                scheme="https",
+                host=normalize_host(flow.request.host),
+                port=flow.request.port,
+                path="/",
             )
-            rules = self.sidecar.rules
-            if engine.destination_is_internal(request, rules):
-                raise _Refusal(
-                    403,
-                    "denied",
-                    "destination.internal",
-                    f"{host} is an internal address and no rule names it",
-                )
+            target = _with_address(target, await self._resolve(target))
+            internal = engine.internal_destination_reason(target, self.sidecar.rules)
+            if internal is not None:
+                raise _Refusal(403, "denied", engine.INTERNAL_DESTINATION, internal)
         except AmbiguousRequest as exc:
             flow.response = self._refuse_early(flow, _Refusal(400, "bad_request", exc.code, exc.reason))
         except _Refusal as refusal:

@@ -330,3 +330,28 @@ def build_request(
         body=body,
         address=None if address is None else _canonical_resolved(address),
     )
+
+
+def parse_authority(value: str, scheme: str) -> tuple[str, int]:
+    """A Host header (or `:authority`) as (normalised host, port); the default port for `scheme`."""
+    text = value.strip()
+    if not text or any(c in text for c in "/@?#\\ ") or text != value.strip(" "):
+        raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
+    port_text = ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
+        host, rest = text[: close + 1], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text
+    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
+        raise AmbiguousRequest("request.bad_port", f"Host header {value!r} has a bad port")
+    port = int(port_text) if port_text else default_port(scheme)
+    return normalize_host(host), port

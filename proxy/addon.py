@@ -17,7 +17,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 
 from policy import engine
 from policy.model import Decision, Request, Tier, Verdict
-from policy.normalize import AmbiguousRequest, build_request, default_port, normalize_host
+from policy.normalize import AmbiguousRequest, build_request, normalize_host, parse_authority
 from proxy import mitm_hardening
 from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
 from proxy.forward import UpstreamError
@@ -348,7 +348,7 @@ class EnforcementAddon:
             host_headers = [*host_headers, data.authority]
         if len(host_headers) > 1:
             raise AmbiguousRequest("request.host_mismatch", "more than one Host header")
-        header_authority = _parse_authority(host_headers[0], scheme) if host_headers else None
+        header_authority = parse_authority(host_headers[0], scheme) if host_headers else None
         sni = flow.client_conn.sni if flow.client_conn.tls else None
         if self.sidecar.settings.mode == "transparent":
             # mitmproxy gives the original destination IP as request.host; the name comes from Host/SNI
@@ -560,30 +560,6 @@ def _with_address(request: Request, address: str) -> Request:
 
 def _replace_verdict(decision: Decision, verdict: Verdict, code: str, reason: str) -> Decision:
     return replace(decision, verdict=verdict, reason_code=code, reason=reason)
-
-
-def _parse_authority(value: str, scheme: str) -> tuple[str, int]:
-    text = value.strip()
-    if not text or any(c in text for c in "/@?#\\ ") or text != value.strip(" "):
-        raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
-    port_text = ""
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
-        host, rest = text[: close + 1], text[close + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise AmbiguousRequest("request.host_mismatch", f"Host header {value!r} is not a host[:port]")
-            port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host = text
-    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
-        raise AmbiguousRequest("request.bad_port", f"Host header {value!r} has a bad port")
-    port = int(port_text) if port_text else default_port(scheme)
-    return normalize_host(host), port
 
 
 def _audit_request(request: Request) -> dict[str, Any]:

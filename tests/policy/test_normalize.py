@@ -17,6 +17,7 @@ from policy.normalize import (
     normalize_host,
     normalize_method,
     normalize_path,
+    parse_authority,
     split_target,
 )
 
@@ -441,3 +442,32 @@ def test_ambiguous_request_is_a_value_error_with_code_and_reason() -> None:
         "host 'x' is bad",
         "host 'x' is bad",
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "scheme", "expected"),
+    [
+        pytest.param("Example.COM", "https", ("example.com", 443), id="default-https-port"),
+        pytest.param("example.com.:8080", "http", ("example.com", 8080), id="trailing-dot-and-port"),
+        pytest.param("[::1]:9", "http", ("::1", 9), id="ipv6-with-port"),
+        pytest.param("127.1", "http", ("127.0.0.1", 80), id="short-ipv4"),
+    ],
+)
+def test_an_authority_is_split_and_normalised(value: str, scheme: str, expected: tuple[str, int]) -> None:
+    assert parse_authority(value, scheme) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        pytest.param("user@example.com", "request.host_mismatch", id="userinfo"),
+        pytest.param("example.com/x", "request.host_mismatch", id="path"),
+        pytest.param("example.com:0", "request.bad_port", id="port-zero"),
+        pytest.param("example.com:99999", "request.bad_port", id="port-too-big"),
+        pytest.param("[::1", "request.host_mismatch", id="unclosed-bracket"),
+    ],
+)
+def test_a_bad_authority_is_refused(value: str, code: str) -> None:
+    with pytest.raises(AmbiguousRequest) as raised:
+        parse_authority(value, "http")
+    assert raised.value.code == code

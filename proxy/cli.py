@@ -296,6 +296,8 @@ def _call(method: str, url: str, token: str | None, body: dict[str, Any] | None 
 
 def _approvals(args: argparse.Namespace) -> int:
     base = args.api.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base  # `--api 127.0.0.1:9090` means the plain-HTTP control API
     if not args.token:
         print("an operator token is required: --token or VIENNA_TOKEN", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from policy.audit import AuditEvent
 from proxy.store import read_events
+from tests.background_server import BackgroundServer
 
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
@@ -74,16 +74,14 @@ def session(proxy: str | None = None) -> requests.Session:
     return http
 
 
-class Upstream:
+class Upstream(BackgroundServer):
     """An aiohttp server on 127.0.0.1 (own thread and loop) that answers 200 and records each path."""
 
     def __init__(self) -> None:
+        super().__init__("audit-upstream")
         self.port = 0
         self._paths: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
 
     def url(self, path: str) -> str:
@@ -97,31 +95,11 @@ class Upstream:
     def start(self) -> None:
         self._socket = socket.create_server(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name="audit-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the upstream did not start")
+        super().start()
 
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        loop.run_until_complete(runner.setup())
+    async def _open_sites(self, runner: web.AppRunner) -> None:
         assert self._socket is not None
-        loop.run_until_complete(web.SockSite(runner, self._socket).start())
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        await web.SockSite(runner, self._socket).start()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()

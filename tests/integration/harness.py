@@ -24,6 +24,8 @@ import pytest
 import requests
 from aiohttp import web
 
+from tests.background_server import BackgroundServer
+
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
 # Operator tokens. The agent's own id is an operator name too, to show it still cannot approve itself.
@@ -133,7 +135,7 @@ class Seen:
         return {key for key, _ in self.headers}
 
 
-class Upstream:
+class Upstream(BackgroundServer):
     """An aiohttp server on its own thread and loop that records every request it receives.
 
     `/slow?seconds=N` answers after N seconds, `/redirect` answers 302 to `/landing`, `/big?bytes=N`
@@ -143,12 +145,10 @@ class Upstream:
     """
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__("upstream")
         self._ssl = ssl_context
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._sockets: list[socket.socket] = []
         self.port = 0
 
@@ -169,31 +169,11 @@ class Upstream:
         self._sockets = [first]
         with contextlib.suppress(OSError):
             self._sockets.append(socket.create_server(("::1", self.port), family=socket.AF_INET6))
-        self._thread = threading.Thread(target=self._serve, name=f"upstream-{self.port}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the upstream server did not start")
+        super().start()
 
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        loop.run_until_complete(runner.setup())
+    async def _open_sites(self, runner: web.AppRunner) -> None:
         for sock in self._sockets:
-            loop.run_until_complete(web.SockSite(runner, sock, ssl_context=self._ssl).start())
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+            await web.SockSite(runner, sock, ssl_context=self._ssl).start()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

@@ -27,6 +27,7 @@ from aiohttp import web
 from policy.model import Intent, Tier
 from policy.warrants import Approval, Constraints, WarrantClaims, WarrantKeys, mint
 from proxy.keys import key_id
+from tests.background_server import BackgroundServer
 
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "sec-agent"
@@ -86,7 +87,7 @@ class _Chunk:
     data: bytes
 
 
-class Upstream:
+class Upstream(BackgroundServer):
     """An aiohttp server that records what it parses, behind a TCP tap that records every byte sent to it.
 
     Clients (the sidecar) connect to `port`, the tap; the tap relays to aiohttp. So tests can assert both
@@ -96,13 +97,12 @@ class Upstream:
     """
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__("security-upstream")
         self._ssl = ssl_context
         self._seen: list[Seen] = []
         self._wire: list[_Chunk] = []
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._tap_server: asyncio.Server | None = None
         self._connections = 0
         self.port = 0
         self._app_port = 0
@@ -140,36 +140,16 @@ class Upstream:
         with self._lock:
             return b"".join(chunk.data for chunk in self._wire[mark:])
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="security-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the upstream did not start")
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        loop.run_until_complete(runner.setup())
+    async def _open_sites(self, runner: web.AppRunner) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         self._app_port = listener.getsockname()[1]
-        loop.run_until_complete(web.SockSite(runner, listener, ssl_context=self._ssl).start())
-        tap = loop.run_until_complete(asyncio.start_server(self._tap, "127.0.0.1", 0))
-        self.port = tap.sockets[0].getsockname()[1]
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            tap.close()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        await web.SockSite(runner, listener, ssl_context=self._ssl).start()
+        self._tap_server = await asyncio.start_server(self._tap, "127.0.0.1", 0)
+        self.port = self._tap_server.sockets[0].getsockname()[1]
+
+    async def _close_extra(self) -> None:
+        if self._tap_server is not None:
+            self._tap_server.close()
 
     async def _tap(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self._connections += 1

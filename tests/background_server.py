@@ -1,0 +1,55 @@
+"""An aiohttp app served on its own event loop in a daemon thread: the recording upstreams of the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from aiohttp import web
+
+
+class BackgroundServer:
+    """Subclasses answer in `_handle` and open their listeners in `_open_sites`; `start` returns once
+    they listen, `stop` closes everything."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError(f"{self._name} did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def _open_sites(self, runner: web.AppRunner) -> None:
+        raise NotImplementedError
+
+    async def _close_extra(self) -> None:
+        """Anything `_open_sites` opened besides the runner's sites."""
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(self._open_sites(runner))
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._close_extra())
+            loop.run_until_complete(runner.cleanup())
+            loop.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import signal
 import socket
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from policy.audit import AuditEvent
 from proxy.store import read_events
 from tests.background_server import BackgroundServer
+from tests.vienna_process import clean_environment, run_command
 
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
@@ -166,27 +166,17 @@ class Sidecar:
         return self.data_dir / "audit.key"
 
     def start(self) -> Sidecar:
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        env = {k: v for k, v in env.items() if not k.startswith("VIENNA_")}
-        command = [
-            str(VIENNA),
-            "run",
-            "--policy",
-            str(self.policy_file),
-            "--listen",
-            f"127.0.0.1:{self.proxy_port}",
-            "--api",
-            f"127.0.0.1:{self.api_port}",
-            "--data-dir",
-            str(self.data_dir),
-            "--agent-id",
-            AGENT_ID,
-            "--operators",
-            str(self.operators_file),
-            "--warrant-key-file",
-            str(self.key_file),
-            *self.args,
-        ]
+        env = clean_environment()
+        command = run_command(
+            policy=self.policy_file,
+            proxy_port=self.proxy_port,
+            api_port=self.api_port,
+            data_dir=self.data_dir,
+            agent_id=AGENT_ID,
+            warrant_key=self.key_file,
+            operators=self.operators_file,
+            extra=self.args,
+        )
         with self.stdout_file.open("ab") as out, self.stderr_file.open("ab") as err:
             self.process = subprocess.Popen(command, stdout=out, stderr=err, cwd=self.workdir, env=env)
         deadline = time.monotonic() + READY_TIMEOUT

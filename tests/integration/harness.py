@@ -25,6 +25,7 @@ import requests
 from aiohttp import web
 
 from tests.background_server import BackgroundServer
+from tests.vienna_process import run_command
 
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
@@ -274,27 +275,16 @@ class Sidecar:
         return self.key_file.read_bytes().strip()
 
     def command(self) -> list[str]:
-        return [
-            str(VIENNA),
-            "run",
-            "--policy",
-            str(self.policy_file),
-            "--listen",
-            f"127.0.0.1:{self.proxy_port}",
-            "--api",
-            f"127.0.0.1:{self.api_port}",
-            "--data-dir",
-            str(self.data_dir),
-            "--agent-id",
-            AGENT_ID,
-            "--warrant-key-file",
-            str(self.key_file),
-            "--operators",
-            str(self.operators_file),
-            "--audit-stdout",
-            "true" if self.audit_stdout else "false",
-            *self.args,
-        ]
+        return run_command(
+            policy=self.policy_file,
+            proxy_port=self.proxy_port,
+            api_port=self.api_port,
+            data_dir=self.data_dir,
+            agent_id=AGENT_ID,
+            warrant_key=self.key_file,
+            operators=self.operators_file,
+            extra=["--audit-stdout", "true" if self.audit_stdout else "false", *self.args],
+        )
 
     def start(self) -> None:
         assert self.process is None, "already running"

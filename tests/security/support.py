@@ -28,6 +28,7 @@ from policy.model import Intent, Tier
 from policy.warrants import Approval, Constraints, WarrantClaims, WarrantKeys, mint
 from proxy.keys import key_id
 from tests.background_server import BackgroundServer
+from tests.vienna_process import run_command
 
 VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "sec-agent"
@@ -246,25 +247,15 @@ class Sidecar:
     def launch(self) -> None:
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            [
-                str(VIENNA),
-                "run",
-                "--policy",
-                str(self.policy_file),
-                "--listen",
-                f"127.0.0.1:{self.proxy_port}",
-                "--api",
-                f"127.0.0.1:{self.api_port}",
-                "--data-dir",
-                str(self.data_dir),
-                "--agent-id",
-                AGENT_ID,
-                "--warrant-key-file",
-                str(self.key_file),
-                "--audit-stdout",
-                "false",
-                *self.args,
-            ],
+            run_command(
+                policy=self.policy_file,
+                proxy_port=self.proxy_port,
+                api_port=self.api_port,
+                data_dir=self.data_dir,
+                agent_id=AGENT_ID,
+                warrant_key=self.key_file,
+                extra=["--audit-stdout", "false", *self.args],
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

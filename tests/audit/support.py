@@ -10,7 +10,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,9 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from policy.audit import AuditEvent
 from proxy.store import read_events
 from tests.background_server import BackgroundServer
-from tests.vienna_process import clean_environment, run_command
+from tests.vienna_process import VIENNA, clean_environment, run_command
 
-VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
 TOKENS: dict[str, str] = {
     "alice": "alice-operator-secret-" + "a" * 20,

@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +26,6 @@ from aiohttp import web
 from tests.background_server import BackgroundServer
 from tests.vienna_process import run_command
 
-VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "test-agent"
 # Operator tokens. The agent's own id is an operator name too, to show it still cannot approve itself.
 TOKENS: dict[str, str] = {

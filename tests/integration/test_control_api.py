@@ -6,7 +6,8 @@ import base64
 import json
 import subprocess
 
-from tests.integration.harness import TOKENS, VIENNA, Sidecar, Upstream, assert_refused, clean_env, unique
+from tests.integration.harness import TOKENS, Sidecar, Upstream, assert_refused, clean_env, unique
+from tests.vienna_process import VIENNA
 
 
 def test_intent_for_a_t0_action_is_direct(sidecar: Sidecar) -> None:

@@ -14,7 +14,6 @@ import requests
 
 from tests.integration.harness import (
     STANDARD_POLICY,
-    VIENNA,
     Sidecar,
     Upstream,
     assert_refused,
@@ -23,6 +22,7 @@ from tests.integration.harness import (
     running_sidecar,
     unique,
 )
+from tests.vienna_process import VIENNA
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import secrets
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,6 @@ from proxy.keys import key_id
 from tests.background_server import BackgroundServer
 from tests.vienna_process import run_command
 
-VIENNA = Path(sys.executable).with_name("vienna")
 AGENT_ID = "sec-agent"
 READY_TIMEOUT = 30.0
 MAX_BODY = 4096

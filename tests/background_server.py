@@ -4,8 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 
 from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as the recording upstream parsed it."""
+
+    method: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key == wanted), None)
+
+    @property
+    def header_names(self) -> set[str]:
+        return {key for key, _ in self.headers}
+
+
+async def read_seen(request: web.Request) -> Seen:
+    """Read the whole request and describe it as received (raw path, lower-case header names)."""
+    body = await request.read()
+    path, _, query = request.raw_path.partition("?")
+    headers = tuple((key.lower(), value) for key, value in request.headers.items())
+    return Seen(method=request.method, path=path, query=query, headers=headers, body=body)
 
 
 class BackgroundServer:

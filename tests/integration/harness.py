@@ -23,7 +23,7 @@ import pytest
 import requests
 from aiohttp import web
 
-from tests.background_server import BackgroundServer
+from tests.background_server import BackgroundServer, Seen, read_seen
 from tests.vienna_process import run_command
 
 AGENT_ID = "test-agent"
@@ -115,25 +115,6 @@ def unique(prefix: str) -> str:
 # --- upstream -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """One request as the upstream received it."""
-
-    method: str
-    path: str
-    query: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower()
-        return next((value for key, value in self.headers if key == wanted), None)
-
-    @property
-    def header_names(self) -> set[str]:
-        return {key for key, _ in self.headers}
-
-
 class Upstream(BackgroundServer):
     """An aiohttp server on its own thread and loop that records every request it receives.
 
@@ -175,15 +156,8 @@ class Upstream(BackgroundServer):
             await web.SockSite(runner, sock, ssl_context=self._ssl).start()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        path, _, query = request.raw_path.partition("?")
-        seen = Seen(
-            method=request.method,
-            path=path,
-            query=query,
-            headers=tuple((key.lower(), value) for key, value in request.headers.items()),
-            body=body,
-        )
+        seen = await read_seen(request)
+        path = seen.path
         with self._lock:
             self._seen.append(seen)
         if path == "/slow":

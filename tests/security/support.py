@@ -26,7 +26,7 @@ from aiohttp import web
 from policy.model import Intent, Tier
 from policy.warrants import Approval, Constraints, WarrantClaims, WarrantKeys, mint
 from proxy.keys import key_id
-from tests.background_server import BackgroundServer
+from tests.background_server import BackgroundServer, Seen, read_seen
 from tests.vienna_process import run_command
 
 AGENT_ID = "sec-agent"
@@ -64,20 +64,6 @@ def session(proxy: str | None = None) -> requests.Session:
 
 
 # --- the upstream -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """One request as the aiohttp upstream parsed it."""
-
-    method: str
-    path: str
-    query: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((value for key, value in self.headers if key == name.lower()), None)
 
 
 @dataclass(slots=True)
@@ -178,15 +164,8 @@ class Upstream(BackgroundServer):
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        path, _, query = request.raw_path.partition("?")
-        seen = Seen(
-            method=request.method,
-            path=path,
-            query=query,
-            headers=tuple((key.lower(), value) for key, value in request.headers.items()),
-            body=body,
-        )
+        seen = await read_seen(request)
+        path = seen.path
         with self._lock:
             self._seen.append(seen)
         if path == "/redirect/internal":

@@ -247,3 +247,41 @@ def _intent(rule: Rule, request: Request, captured: dict[str, str]) -> Intent:
         }
         target = render_target(rule.target, values)
     return Intent(action=rule.action, target=target, rule=rule.id)
+
+
+def body_needed(request: Request, rules: RuleSet, *, agent: str, warrant: bool) -> bool:
+    """Whether deciding `request` (given without its body) needs the body buffered first.
+
+    It does when a warrant is to be checked (it binds the body hash), when a rule that could match
+    reads the body in its `when`, or when the tier needs a warrant (a warrant request binds the
+    body hash too). Otherwise the decision holds for any body, which then streams upstream.
+    """
+    if warrant:
+        return True
+    for position in candidate_rules(rules, request.host):
+        rule = rules.rules[position]
+        if rule.methods is not None and request.method not in rule.methods:
+            continue
+        if rule.hosts is not None and not _host_matches(rule, request):
+            continue
+        if _path_captures(rule, request) is None:
+            continue
+        if rule.reads_body:
+            return True
+        if rule.when_program is None:
+            break  # the first rule without `when` ends the walk: later rules never decide
+    return classify(request, rules, agent=agent).tier.needs_warrant
+
+
+def tunnel_rule(host: str, port: int, rules: RuleSet) -> Rule | None:
+    """The first rule for `host:port` if it is a passthrough rule: a CONNECT there is not intercepted."""
+    probe = Request(method="CONNECT", scheme="https", host=host, port=port, path="/")
+    for position in candidate_rules(rules, host):
+        rule = rules.rules[position]
+        if rule.hosts is None or not _host_matches(rule, probe):
+            continue
+        if rule.passthrough:
+            return rule
+        if rule.methods is None and rule.paths is None and rule.when_program is None:
+            return None  # a rule covering every request to this host comes first: intercept
+    return None

@@ -74,8 +74,16 @@ def destination_is_internal(request: Request, rules: RuleSet) -> bool:
             internal = True
     if not internal:
         return False
+    return not (
+        names_destination(rules, request.host, request.port)
+        or (request.address is not None and names_destination(rules, request.address, request.port))
+    )
+
+
+def names_destination(rules: RuleSet, host: str, port: int) -> bool:
+    """Whether a rule that can let traffic through names `host` (any port) or `host:port`."""
     named = rules.named_hosts
-    return request.host not in named and (request.address is None or request.address not in named)
+    return host in named or f"{host}:{port}" in named
 
 
 def _decide(

@@ -355,3 +355,21 @@ def parse_authority(value: str, scheme: str) -> tuple[str, int]:
         raise AmbiguousRequest("request.bad_port", f"Host header {value!r} has a bad port")
     port = int(port_text) if port_text else default_port(scheme)
     return normalize_host(host), port
+
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) never reach the upstream, so they are removed before the request
+# is classified: a header the policy read must be a header the upstream sees. Upgrade and the framing
+# headers (Transfer-Encoding, Content-Length) are the data plane's to handle, not dropped here.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "proxy-connection"})
+
+
+def hop_by_hop_names(headers: Iterable[tuple[str, str]], *, keep: frozenset[str] = frozenset()) -> set[str]:
+    """Lower-case names of the headers to drop before classifying: the fixed hop-by-hop set, every
+    `Proxy-*` header and every header `Connection` names — except the framing headers and `keep`."""
+    listed = [(name.lower(), value) for name, value in headers]
+    names = {name for name, _ in listed if name in HOP_BY_HOP or name.startswith("proxy-")}
+    for name, value in listed:
+        if name == "connection":
+            names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    names -= {"transfer-encoding", "content-length", "host"}
+    return names - keep

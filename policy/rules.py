@@ -21,7 +21,19 @@ from policy.templates import PathTemplate, TemplateError, check_target, compile_
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_TARGET = "{host}{path}"
 _RULE_KEYS = frozenset(
-    {"id", "match", "when", "action", "target", "tier", "limits", "warrant", "description"}
+    {
+        "id",
+        "match",
+        "when",
+        "action",
+        "target",
+        "tier",
+        "limits",
+        "warrant",
+        "description",
+        "websocket",
+        "passthrough",
+    }
 )
 _MATCH_KEYS = frozenset({"hosts", "methods", "paths"})
 _TOP_KEYS = frozenset({"version", "default_tier", "rules", "description"})
@@ -39,6 +51,7 @@ _CEL_MACRO_VARIABLE = re.compile(
 CEL_REQUEST_FIELDS = frozenset(
     {"method", "scheme", "host", "port", "path", "query", "headers", "json", "form"}
 )
+_BODY_INPUTS = frozenset({"json", "form"})
 _CEL_ROOT = re.compile(r"(?<![\w.])(request|agent)(?!\w)")
 _CEL_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -110,6 +123,15 @@ class Rule:
     tier: Tier
     limits: RateLimit | None = None
     warrant: WarrantPolicy = field(default_factory=WarrantPolicy)
+    websocket: bool = False  # a WebSocket upgrade matching this rule is relayed
+    passthrough: bool = False  # a CONNECT to a matching host:port is a raw tunnel, not intercepted
+
+    @property
+    def reads_body(self) -> bool:
+        """Whether this rule's `when` reads the body (json/form), so the body must be buffered to decide."""
+        if self.when_program is None:
+            return False
+        return self.when_inputs is None or bool(self.when_inputs & _BODY_INPUTS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -317,6 +339,14 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
             issues.add(at("target"), f"{where}.target", str(exc))
     limits = _parse_limits(raw.get("limits"), tier, where, at("limits"), issues)
     warrant = _parse_warrant(raw.get("warrant"), tier, where, at("warrant"), issues)
+    websocket = _parse_flag(raw, "websocket", where, at("websocket"), issues)
+    passthrough = _parse_flag(raw, "passthrough", where, at("passthrough"), issues)
+    if passthrough:
+        _check_passthrough(raw, tier, methods, paths, when, where, at("passthrough"), issues)
+        if websocket:
+            issues.add(
+                at("websocket"), f"{where}.websocket", "a passthrough tunnel is not HTTP: no WebSocket"
+            )
     if len(issues.issues) != before:
         return None
     return Rule(
@@ -334,7 +364,49 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         tier=tier,
         limits=limits,
         warrant=warrant,
+        websocket=websocket,
+        passthrough=passthrough,
     )
+
+
+def _parse_flag(raw: CommentedMap, key: str, where: str, line: int, issues: _Collector) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        issues.add(line, f"{where}.{key}", f"must be true or false, not {value!r}")
+        return False
+    return value
+
+
+def _check_passthrough(
+    raw: CommentedMap,
+    tier: Tier,
+    methods: frozenset[str] | None,
+    paths: tuple[PathTemplate, ...] | None,
+    when: str | None,
+    where: str,
+    line: int,
+    issues: _Collector,
+) -> None:
+    """A tunnel is decided on host and port alone: nothing else about its content is visible."""
+    if tier not in (Tier.T0, Tier.T1, Tier.DENY):
+        issues.add(
+            line,
+            f"{where}.passthrough",
+            f"a tunnel cannot carry a warrant: tier must be T0, T1 or deny, not {tier}",
+        )
+    match = raw.get("match")
+    if not isinstance(match, CommentedMap) or "hosts" not in match:
+        issues.add(line, f"{where}.passthrough", "a passthrough rule must name its hosts in match.hosts")
+    if methods is not None or paths is not None:
+        issues.add(
+            line, f"{where}.passthrough", "a passthrough rule matches on hosts only (no methods or paths)"
+        )
+    if when is not None:
+        issues.add(
+            line, f"{where}.passthrough", "a passthrough rule cannot have a when: the tunnel is opaque"
+        )
+    if "limits" in raw:
+        issues.add(line, f"{where}.passthrough", "a passthrough rule takes no rate limit")
 
 
 def _parse_match(
@@ -505,8 +577,9 @@ def _build(rules: list[Rule], default_tier: Tier, text: str, file: str) -> RuleS
                 entries.append(position)
             # Only a rule that can let traffic through opens an internal host: naming a host in
             # a deny rule must not make it reachable for the requests that rule does not match.
+            # A pattern with a port opens only that port (named as "host:port").
             if not pattern.wildcard and rule.tier is not Tier.DENY:
-                named.add(pattern.host)
+                named.add(pattern.host if pattern.port is None else f"{pattern.host}:{pattern.port}")
     return RuleSet(
         version=1,
         default_tier=default_tier,

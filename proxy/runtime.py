@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -21,10 +22,10 @@ from mitmproxy.master import Master
 
 from policy.rules import PolicyError, RuleSet, load_rules
 from policy.warrants import WarrantKeys
-from proxy.addon import EnforcementAddon
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
 from proxy.control.app import make_app
-from proxy.forward import DestinationResolver, Forwarder, upstream_ssl_context
+from proxy.dataplane.addon import EnforcementAddon
+from proxy.dataplane.destinations import DestinationResolver, OwnListeners, upstream_ca_bundle
 from proxy.keys import Operators, load_audit_key, load_operators, load_warrant_keys, write_ca_bundle
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter
@@ -58,7 +59,9 @@ class Sidecar:
     metrics: Metrics
     recorder: Recorder
     warrant_requests: WarrantRequests
-    forwarder: Forwarder
+    destinations: DestinationResolver
+    listeners: OwnListeners
+    instance: str = field(default_factory=lambda: "vienna-" + secrets.token_hex(6))
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     proxy_listening: bool = False
     api_listening: bool = False
@@ -133,13 +136,6 @@ def build_sidecar(settings: Settings) -> Sidecar:
         api_base_url=settings.api_base_url,
         pending_ttl=settings.pending_ttl,
     )
-    forwarder = Forwarder(
-        DestinationResolver(),
-        ssl_context=upstream_ssl_context(settings.upstream_ca_file),
-        connect_timeout=settings.connect_timeout,
-        response_timeout=settings.upstream_timeout,
-        max_response_bytes=settings.max_response_bytes,
-    )
     sidecar = Sidecar(
         settings=settings,
         rules=rules,
@@ -149,7 +145,10 @@ def build_sidecar(settings: Settings) -> Sidecar:
         metrics=metrics,
         recorder=recorder,
         warrant_requests=warrant_requests,
-        forwarder=forwarder,
+        destinations=DestinationResolver(),
+        listeners=OwnListeners(
+            [(settings.listen_host, settings.listen_port), (settings.api_host, settings.api_port)]
+        ),
     )
     holder["sidecar"] = sidecar
     warrant_requests.refresh_pending()
@@ -214,9 +213,19 @@ async def serve(settings: Settings) -> int:
         errorcheck.ErrorCheck(),
         EnforcementAddon(sidecar),
     )
-    master.options.update(connection_strategy="lazy", rawtcp=False, http3=False)
-    if settings.upstream_ca_file is not None:
-        master.options.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_file))
+    master.options.update(
+        connection_strategy="lazy",
+        rawtcp=False,
+        http3=False,
+        http2=True,
+        websocket=True,
+        # a connection silent both ways this long is closed (keep-alive, WebSocket, tunnels)
+        tcp_timeout=max(1, int(settings.idle_timeout + 0.999)),
+        store_streamed_bodies=False,
+    )
+    bundle = upstream_ca_bundle(settings.upstream_ca_file, settings.data_dir)
+    if bundle is not None:
+        master.options.update(ssl_verify_upstream_trusted_ca=str(bundle))
 
     app = make_app(sidecar, ca_cert=ca_cert_path(settings))
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
@@ -273,7 +282,6 @@ async def serve(settings: Settings) -> int:
     for task in background:
         task.cancel()
     await runner.cleanup()
-    await sidecar.forwarder.close()
     with contextlib.suppress(Exception):
         if sidecar.recorder.dirty:
             sidecar.recorder.checkpoint()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
-DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
+DEFAULT_MAX_RESPONSE = 0  # no limit: responses stream, memory is bounded by buffers
 
 
 class SettingsError(ValueError):
@@ -32,8 +32,11 @@ class Settings:
     enforcement: str
     max_body_bytes: int
     max_response_bytes: int
-    upstream_timeout: float
+    upstream_timeout: float  # = response_timeout (the old name, kept as an alias)
+    response_timeout: float
+    idle_timeout: float
     connect_timeout: float
+    upstream_proxy: str | None
     pending_ttl: float
     ca_bundle_out: Path | None
     audit_key_file: Path | None
@@ -42,6 +45,12 @@ class Settings:
     checkpoint_every: int
     checkpoint_seconds: float
     public_api_url: str | None
+
+    @property
+    def upstream_proxy_address(self) -> tuple[str, int] | None:
+        if not self.upstream_proxy:
+            return None
+        return parse_upstream_proxy(self.upstream_proxy)
 
     @property
     def dryrun(self) -> bool:
@@ -73,9 +82,16 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("upstream-ca-file", None, "extra CA bundle trusted for upstream TLS"),
     ("enforcement", "enforce", "enforce, or dryrun (forward everything, mark would-deny)"),
     ("max-body-bytes", str(DEFAULT_MAX_BODY), "largest request body buffered for hashing; larger → 413"),
-    ("max-response-bytes", str(DEFAULT_MAX_RESPONSE), "largest upstream response relayed; larger → 502"),
-    ("upstream-timeout", "30", "seconds to wait for an upstream response; then 504"),
+    (
+        "max-response-bytes",
+        str(DEFAULT_MAX_RESPONSE),
+        "end a response after N bytes (0: no limit; audited response.too_large)",
+    ),
+    ("response-timeout", "300", "seconds from the request sent to the response headers; then 504"),
+    ("upstream-timeout", None, "alias of --response-timeout"),
+    ("idle-timeout", "300", "longest silence in either direction once an exchange started; then closed"),
     ("connect-timeout", "10", "seconds to wait for an upstream connection; then 504"),
+    ("upstream-proxy", None, "forward through this HTTP proxy (http://HOST:PORT; CONNECT for every request)"),
     ("pending-ttl", "3600", "seconds a warrant request stays pending before it expires"),
     ("ca-bundle-out", None, "write system CAs + the interception CA here at start-up (for the agent)"),
     ("audit-key-file", None, "HMAC key for signed audit checkpoints (default: generated in the data dir)"),
@@ -96,6 +112,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         env = "VIENNA_" + flag.upper().replace("-", "_")
         shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
         parser.add_argument(f"--{flag}", default=None, help=text + shown)
+
+
+def parse_upstream_proxy(text: str) -> tuple[str, int]:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() != "http" or not rest:
+        raise SettingsError(f"--upstream-proxy: {text!r} must be http://HOST:PORT")
+    host, port = _address(rest.rstrip("/"), "upstream-proxy")
+    return host, port
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:
@@ -144,6 +168,15 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         return Path(value) if value else None
 
     listen_host, listen_port = _address(str(raw["listen"]), "listen")
+    if (
+        raw["upstream-timeout"] is not None
+        and raw["response-timeout"] == "300"
+        and not (getattr(args, "response_timeout", None) or env.get("VIENNA_RESPONSE_TIMEOUT"))
+    ):
+        raw["response-timeout"] = raw["upstream-timeout"]  # the old name, given alone
+    response_timeout = _number(str(raw["response-timeout"]), "response-timeout", minimum=0.01)
+    if raw["upstream-proxy"]:
+        parse_upstream_proxy(str(raw["upstream-proxy"]))
     api_host, api_port = _address(str(raw["api"]), "api")
     return Settings(
         policy=path("policy"),
@@ -159,8 +192,11 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         upstream_ca_file=path("upstream-ca-file"),
         enforcement=_choice(str(raw["enforcement"]), "enforcement", ("enforce", "dryrun")),
         max_body_bytes=int(_number(str(raw["max-body-bytes"]), "max-body-bytes", minimum=0)),
-        max_response_bytes=int(_number(str(raw["max-response-bytes"]), "max-response-bytes", minimum=1024)),
-        upstream_timeout=_number(str(raw["upstream-timeout"]), "upstream-timeout", minimum=0.01),
+        max_response_bytes=int(_number(str(raw["max-response-bytes"]), "max-response-bytes", minimum=0)),
+        upstream_timeout=response_timeout,
+        response_timeout=response_timeout,
+        idle_timeout=_number(str(raw["idle-timeout"]), "idle-timeout", minimum=0.01),
+        upstream_proxy=raw["upstream-proxy"],
         connect_timeout=_number(str(raw["connect-timeout"]), "connect-timeout", minimum=0.01),
         pending_ttl=_number(str(raw["pending-ttl"]), "pending-ttl", minimum=1),
         ca_bundle_out=path("ca-bundle-out"),

@@ -1,4 +1,9 @@
-"""The mitmproxy addon: adapt → decide → act → record → observe. Every failure refuses; nothing fails open."""
+"""The enforcement addon: adapt → decide → act → record → observe. Every failure refuses; nothing fails open.
+
+A request whose decision does not depend on its body is decided on its headers and its body streams
+upstream (hashed on the way); otherwise the body is buffered (up to --max-body-bytes) and the decision
+waits for it. Responses always stream. mitmproxy itself forwards, to the pinned address (pinning.py).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,20 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from policy import engine
+from policy.classify import body_needed
 from policy.model import Decision, Request, Tier, Verdict
-from policy.normalize import AmbiguousRequest, build_request, normalize_host, parse_authority
-from proxy import mitm_hardening
+from policy.normalize import (
+    AmbiguousRequest,
+    build_request,
+    hop_by_hop_names,
+    normalize_host,
+    parse_authority,
+)
 from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
-from proxy.forward import UpstreamError
+from proxy.dataplane import patches
+from proxy.dataplane.exchange import Exchange, ExchangeWatch
+from proxy.dataplane.pinning import AddressPins
+from proxy.dataplane.tunnels import Tunnels
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import canonical_request, constraints_preview
 
@@ -29,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vienna.addon")
 WARRANT_HEADER = "vienna-warrant"
+LOOP = "request.loop"
+_EXCHANGE = "vienna.exchange"
+_WEBSOCKET = "vienna.websocket"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +59,17 @@ class _Refusal(Exception):
 class EnforcementAddon:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
-        mitm_hardening.install()  # JSON refusals and a bounded head for what mitmproxy refuses itself
+        settings = sidecar.settings
+        patches.install()  # JSON refusals, a bounded head, exchanges ended from outside their hooks
+        self.pins = AddressPins(sidecar.listeners, settings.upstream_proxy_address)
+        self.watch = ExchangeWatch(
+            response_timeout=settings.response_timeout,
+            idle_timeout=settings.idle_timeout,
+            connect_timeout=settings.connect_timeout,
+            finish=self._record_finished,
+        )
+        self.via = f"1.1 {sidecar.instance}"
+        self.tunnels = Tunnels(sidecar, self.pins)
         # Test-only fault injection, read once at start-up: with VIENNA_TEST_FAULT=addon the addon
         # raises right before forwarding an allowed request, so tests can prove that a raising addon
         # refuses instead of letting mitmproxy forward on its own. It can only ever refuse more.
@@ -51,22 +78,64 @@ class EnforcementAddon:
             log.warning("VIENNA_TEST_FAULT=addon: every allowed request fails inside the addon (tests only)")
 
     def load(self, loader: Loader) -> None:
-        # mitmproxy buffers a whole request body before the request hook runs. With its limit set, a body
-        # announced or grown over --max-body-bytes is refused (413) at once instead of being buffered.
+        # Bodies the decision needs are buffered; mitmproxy refuses (413, connection closed) one announced
+        # or grown over --max-body-bytes. Streamed bodies (and every response) are not buffered at all.
         loader.master.options.update(body_size_limit=str(self.sidecar.settings.max_body_bytes))
+
+    def running(self) -> None:
+        self.watch.start()
+
+    async def done(self) -> None:
+        await self.watch.stop()
 
     # --- connection level ------------------------------------------------------------------------
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Only HTTP is ever relayed: a tunnel that does not speak HTTP gets no raw TCP/UDP passthrough."""
+        """Only HTTP is ever relayed, except the raw tunnels passthrough rules open (tunnels.py)."""
+        if self.tunnels.next_layer(nextlayer):
+            return
         chosen = nextlayer.layer
         if chosen is None:
             return
         if isinstance(chosen, layers.TCPLayer | layers.UDPLayer | layers.DNSLayer):
             nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
 
+    def client_disconnected(self, client: Any) -> None:
+        self.pins.client_disconnected(client)
+        self.tunnels.client_disconnected(client)
+
+    def tcp_message(self, flow: Any) -> None:
+        self.tunnels.tcp_message(flow)
+
+    def tcp_end(self, flow: Any) -> None:
+        self.tunnels.tcp_end(flow)
+
+    def tcp_error(self, flow: Any) -> None:
+        self.tunnels.tcp_end(flow)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self.tunnels.websocket_start(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        self.tunnels.websocket_message(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.tunnels.websocket_end(flow)
+
+    def server_connect(self, data: Any) -> None:
+        self.pins.server_connect(data)
+
+    def server_connected(self, data: Any) -> None:
+        self.pins.server_connected(data)
+
+    def server_connect_error(self, data: Any) -> None:
+        self.pins.server_connect_error(data)
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        self.pins.http_connect_upstream(flow)
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        """Refuse CONNECT to malformed or internal targets before any tunnel exists."""
+        """Refuse CONNECT to malformed, internal or own targets before any tunnel exists."""
         try:
             target = Request(
                 method="CONNECT",
@@ -76,9 +145,12 @@ class EnforcementAddon:
                 path="/",
             )
             target = _with_address(target, await self._resolve(target))
+            if self._is_loop(target):
+                raise _loop_refusal(target)
             internal = engine.internal_destination_reason(target, self.sidecar.rules)
             if internal is not None:
                 raise _Refusal(403, "denied", engine.INTERNAL_DESTINATION, internal)
+            self.tunnels.connect(flow, target)
         except AmbiguousRequest as exc:
             flow.response = self._refuse_early(flow, _Refusal(400, "bad_request", exc.code, exc.reason))
         except _Refusal as refusal:
@@ -89,44 +161,95 @@ class EnforcementAddon:
                 flow, _Refusal(403, "denied", "internal.error", "internal error; refused")
             )
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    # --- request headers: checks, and the decision when it does not need the body ---------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.sidecar.inflight += 1
         try:
-            length = flow.request.headers.get_all("content-length")
-            limit = self.sidecar.settings.max_body_bytes
-            if length and any(not value.strip().isdigit() or int(value) > limit for value in length):
-                flow.response = self._refuse_early(flow, _body_too_large(limit))
-            elif _transfer_codings(flow.request) not in ([], ["chunked"]):
-                # mitmproxy removes only the chunked framing; a body under another coding would be
-                # forwarded as if it had none, so it is refused rather than changed.
-                flow.response = self._refuse_early(
-                    flow,
-                    _Refusal(
-                        400,
-                        "bad_request",
-                        "request.bad_framing",
-                        "transfer codings other than chunked are not relayed",
-                    ),
-                )
-            elif flow.request.headers.get("upgrade"):
-                flow.response = self._refuse_early(
-                    flow,
-                    _Refusal(
-                        400,
-                        "bad_request",
-                        "request.upgrade",
-                        "protocol upgrades (WebSocket, h2c) are not relayed",
-                    ),
-                )
+            refusal = self._check_head(flow)
+            if refusal is not None:
+                flow.response = self._refuse_early(flow, refusal)
+                return
+            try:
+                request, warrant = self._adapt(flow, body=b"")
+            except AmbiguousRequest:
+                return  # refused with its audit record in the request hook, once the body is in
+            needs_body = body_needed(
+                request, self.sidecar.rules, agent=self.sidecar.settings.agent_id, warrant=warrant is not None
+            )
+            if needs_body:
+                length = flow.request.headers.get_all("content-length")
+                limit = self.sidecar.settings.max_body_bytes
+                if any(int(value) > limit for value in length if value.strip().isdigit()):
+                    flow.response = self._refuse_early(flow, _body_too_large(limit))
+                return  # decided in the request hook, with the buffered body
+            flow.metadata["vienna.seen"] = True
+            await self._decide_and_act(flow, request, warrant, streamed=True)
+        except StoreUnavailable as exc:
+            flow.response = self._store_unavailable(exc)
         except Exception:
             log.exception("request header check failed; refusing")
-            flow.response = self._refuse_early(
-                flow, _Refusal(403, "denied", "internal.error", "internal error; refused")
-            )
+            flow.response = self._internal_error(flow)
+        finally:
+            self.sidecar.inflight -= 1
 
-    # --- request ---------------------------------------------------------------------------------
+    def _check_head(self, flow: http.HTTPFlow) -> _Refusal | None:
+        """Framing, upgrades and loops; drops hop-by-hop headers so what is classified is what is sent."""
+        headers = flow.request.headers
+        if _transfer_codings(flow.request) not in ([], ["chunked"]):
+            # mitmproxy removes only the chunked framing; a body under another coding would be
+            # forwarded as if it had none, so it is refused rather than changed.
+            return _Refusal(
+                400,
+                "bad_request",
+                "request.bad_framing",
+                "transfer codings other than chunked are not relayed",
+            )
+        if any(self.sidecar.instance in value for value in headers.get_all("via")):
+            return _Refusal(508, "denied", LOOP, "the request already passed through this sidecar (Via)")
+        keep: frozenset[str] = frozenset()
+        upgrade = [
+            token.strip().lower() for value in headers.get_all("upgrade") for token in value.split(",")
+        ]
+        if upgrade:
+            if upgrade == ["h2c"]:
+                # h2c is an offer the client makes; declining it (by not passing it on) is always allowed.
+                headers.pop("upgrade")
+                headers.pop("http2-settings", None)
+            elif upgrade == ["websocket"] and flow.request.method == "GET":
+                flow.metadata[_WEBSOCKET] = True
+                keep = frozenset({"connection", "upgrade"})
+            else:
+                return _Refusal(
+                    403,
+                    "denied",
+                    "request.upgrade",
+                    f"protocol upgrade to {', '.join(upgrade)} is not relayed",
+                )
+        if keep:
+            tokens = [t.strip() for v in headers.get_all("connection") for t in v.split(",") if t.strip()]
+            named = {t.lower() for t in tokens} - {"upgrade", "keep-alive", "close"}
+            for name in named | {"keep-alive", "te", "trailer", "proxy-connection"}:
+                headers.pop(name, None)
+            for name in [k for k in headers if k.lower().startswith("proxy-")]:
+                headers.pop(name, None)
+            headers["connection"] = "Upgrade"
+        else:
+            fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+            for name in hop_by_hop_names(fields):
+                headers.pop(name, None)
+        return None
+
+    # --- request: the decision that needs the body, or the end of a streamed one ----------------
 
     def error(self, flow: http.HTTPFlow) -> None:
-        """Requests mitmproxy refused before our request hook (body over the limit, bad framing)."""
+        exchange = self.watch.pop(flow)
+        if exchange is not None:
+            message = flow.error.msg if flow.error is not None else "error"
+            exchange.error = exchange.error or patches.protocol_reason_code(502, message)
+            self._record_finished(exchange)
+            return
+        # Requests mitmproxy refused before our request hook (body over the limit, bad framing).
         if flow.metadata.get("vienna.seen") or flow.request is None or flow.error is None:
             return
         flow.metadata["vienna.seen"] = True
@@ -139,7 +262,7 @@ class EnforcementAddon:
                     "decision_id": "d_" + secrets.token_hex(8),
                     "decision": "bad_request",
                     "forwarded": False,
-                    "reason_code": mitm_hardening.protocol_reason_code(400, flow.error.msg),
+                    "reason_code": patches.protocol_reason_code(400, flow.error.msg),
                     "reason": flow.error.msg[:300],
                     "tier": "deny",
                     "request": {
@@ -156,59 +279,69 @@ class EnforcementAddon:
             log.exception("could not record a refused request")
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        exchange: Exchange | None = flow.metadata.get(_EXCHANGE)
+        if exchange is not None:
+            exchange.request_sent()  # a streamed body has gone upstream; now the response timeout runs
+            return
         flow.metadata["vienna.seen"] = True
         if flow.response is not None:
             return
         self.sidecar.inflight += 1
         try:
-            await self._enforce(flow)
+            await self._enforce_buffered(flow)
         except StoreUnavailable as exc:
-            log.error("audit store unavailable, refusing: %s", exc)
-            flow.response = plain_error(
-                503, "denied", "audit.unavailable", "the audit store cannot record; refused"
-            )
-            self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+            flow.response = self._store_unavailable(exc)
         except Exception:
             log.exception("enforcement failed; refusing")
-            flow.response = plain_error(
-                403, "denied", "internal.error", "internal error while enforcing; refused"
-            )
-            self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+            flow.response = self._internal_error(flow)
         finally:
             self.sidecar.inflight -= 1
-        if flow.response is None:  # never let mitmproxy contact the server on its own
+        if flow.response is None and flow.metadata.get(_EXCHANGE) is None:
+            # never let mitmproxy contact the server on its own
             flow.response = plain_error(403, "denied", "internal.error", "no decision was reached; refused")
 
-    async def _enforce(self, flow: http.HTTPFlow) -> None:
+    async def _enforce_buffered(self, flow: http.HTTPFlow) -> None:
         sidecar = self.sidecar
-        rules = sidecar.rules
-        decision_id = "d_" + secrets.token_hex(8)
-        started = time.perf_counter()
         raw_body = flow.request.raw_content
         if raw_body is not None and len(raw_body) > sidecar.settings.max_body_bytes:
             # Backstop only: mitmproxy's body_size_limit (set in load) refuses these before this hook.
-            # Checked before adapting, which hashes the body.
             flow.response = self._refuse_early(flow, _body_too_large(sidecar.settings.max_body_bytes))
             return
-
-        # adapt
+        started = time.perf_counter()
         try:
-            request, warrant = self._adapt(flow)
+            request, warrant = self._adapt(flow, body=raw_body or b"")
         except AmbiguousRequest as problem:
-            decision = engine.refuse_malformed(problem, rules=rules)
+            decision_id = "d_" + secrets.token_hex(8)
+            decision = engine.refuse_malformed(problem, rules=sidecar.rules)
             self._record_decision(flow, None, decision, decision_id, forwarded=False)
             self._observe(decision, started, "bad_request")
             flow.response = json_response(
                 400, deny_body(decision, decision_id=decision_id), decision_id=decision_id
             )
             return
+        await self._decide_and_act(flow, request, warrant, streamed=False, started=started)
+
+    # --- decide and act (both hooks) -------------------------------------------------------------
+
+    async def _decide_and_act(
+        self,
+        flow: http.HTTPFlow,
+        request: Request,
+        warrant: str | None,
+        *,
+        streamed: bool,
+        started: float | None = None,
+    ) -> None:
+        sidecar = self.sidecar
+        rules = sidecar.rules
+        decision_id = "d_" + secrets.token_hex(8)
+        started = time.perf_counter() if started is None else started
         unresolved: _Refusal | None = None
         try:
             request = _with_address(request, await self._resolve(request))
         except _Refusal as refusal:
             unresolved = refusal  # decided without an address; refused below only if it would forward
 
-        # decide
         decision = engine.decide(
             request,
             rules=rules,
@@ -217,15 +350,24 @@ class EnforcementAddon:
             keys=sidecar.keys,
             now=sidecar.clock(),
         )
-        # act
+        if self._is_loop(request):
+            self._refuse_with(flow, request, decision, decision_id, started, _loop_refusal(request))
+            return
+        if flow.metadata.get(_WEBSOCKET) and decision.verdict is not Verdict.DENIED:
+            rule = rules.rule(decision.rule_id)
+            if rule is None or not rule.websocket:
+                upgrade = _Refusal(
+                    403,
+                    "denied",
+                    "request.upgrade",
+                    "WebSocket upgrades pass only where the matching rule says websocket: true",
+                )
+                self._refuse_with(flow, request, decision, decision_id, started, upgrade)
+                return
         if unresolved is not None and (decision.forwards or sidecar.settings.dryrun):
-            self._record_decision(
-                flow, request, decision, decision_id, forwarded=False, label="upstream_error"
+            self._refuse_with(
+                flow, request, decision, decision_id, started, unresolved, label="upstream_error"
             )
-            self._observe(decision, started, "upstream_error")
-            body = deny_body(decision, error=unresolved.error, decision_id=decision_id)
-            body.update(reason=unresolved.reason, reason_code=unresolved.code)
-            flow.response = json_response(unresolved.status, body, decision_id=decision_id)
             return
         status, label, extra_headers, warrant_request = 200, decision.verdict.value, {}, None
         if decision.verdict is Verdict.ALLOW and decision.warrant_id is not None:
@@ -266,7 +408,7 @@ class EnforcementAddon:
                 "decision_id": decision_id,
                 "intent": decision.intent.as_dict(),
                 "tier": decision.tier.value,
-                "request": _audit_request(request),
+                "request": _audit_request(request, streamed=streamed),
                 "source": "proxy",
             },
             durable=False,
@@ -280,6 +422,7 @@ class EnforcementAddon:
             label=label,
             warrant_request=warrant_request,
             would_deny=dryrun_forward,
+            streamed=streamed,
         )
         self._observe(decision, started, label)
 
@@ -300,43 +443,93 @@ class EnforcementAddon:
             body = deny_body(decision, warrant_request=warrant_request, decision_id=decision_id, extra=extra)
             flow.response = json_response(decision.verdict.http_status, body, decision_id=decision_id)
             return
-
-        # forward, then record the execution and observe it
-        outgoing = [(k, v) for k, v in request.headers if k != WARRANT_HEADER]
         try:
             if self._inject_fault:
                 raise RuntimeError("injected fault (VIENNA_TEST_FAULT=addon)")
-            relayed = await sidecar.forwarder.send(request, outgoing)
-        except Exception as exc:
-            if not isinstance(exc, UpstreamError):
-                # The decision already says "forwarded": say what became of it before refusing.
-                self._record_execution(
-                    request, decision, decision_id, status=0, size=0, seconds=0.0, error="internal.error"
-                )
-                raise
-            self._record_execution(
-                request, decision, decision_id, status=exc.status, size=0, seconds=0.0, error=exc.code
-            )
-            error = "upstream_timeout" if exc.status == 504 else "upstream_error"
-            body = deny_body(decision, error=error, decision_id=decision_id)
-            body.update(reason=exc.reason, reason_code=exc.code)
-            flow.response = json_response(exc.status, body, decision_id=decision_id)
-            return
-        sidecar.metrics.upstream_seconds.observe(relayed.seconds)
-        self._record_execution(
-            request,
-            decision,
-            decision_id,
-            status=relayed.status,
-            size=len(relayed.body),
-            seconds=relayed.seconds,
-            error=None,
-        )
-        flow.response = _relayed_response(
-            relayed, request, "would-deny" if dryrun_forward else "allow", decision_id
-        )
+            self._forward(flow, request, decision, decision_id, streamed=streamed, would_deny=dryrun_forward)
+        except Exception:
+            # The decision already says "forwarded": say what became of it before refusing.
+            self._record_execution(request, decision, decision_id, status=0, error="internal.error")
+            raise
 
-    def _adapt(self, flow: http.HTTPFlow) -> tuple[Request, str | None]:
+    def _forward(
+        self,
+        flow: http.HTTPFlow,
+        request: Request,
+        decision: Decision,
+        decision_id: str,
+        *,
+        streamed: bool,
+        would_deny: bool,
+    ) -> None:
+        """Hand the request to mitmproxy exactly as classified, to the checked address only."""
+        assert request.address is not None
+        data = flow.request.data
+        data.method = request.method.encode()
+        data.host = request.host  # the name (for SNI and Host); the connection goes to the pinned address
+        data.port = request.port
+        data.path = (request.path + (f"?{request.query}" if request.query else "")).encode()
+        headers = flow.request.headers
+        headers.pop(WARRANT_HEADER, None)
+        headers.add("Via", self.via)
+        self.pins.pin(flow.client_conn, request.host, request.port, request.address)
+        upstream = self.sidecar.settings.upstream_proxy_address
+        if upstream is not None:
+            flow.server_conn.via = ("http", upstream)
+        exchange = Exchange(
+            flow=flow,
+            request=request,
+            decision=decision,
+            decision_id=decision_id,
+            streamed_body=streamed,
+            max_response=self.sidecar.settings.max_response_bytes,
+            on_overflow=self.watch.overflow,
+        )
+        flow.metadata[_EXCHANGE] = exchange
+        flow.metadata["vienna.decision"] = "would-deny" if would_deny else "allow"
+        self.watch.add(exchange)
+        if streamed:
+            flow.request.stream = exchange.request_chunk
+        else:
+            exchange.request_sent()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange: Exchange | None = flow.metadata.get(_EXCHANGE)
+        if exchange is None or flow.response is None:
+            return
+        try:
+            exchange.response_started(flow.response.status_code)
+            flow.response.stream = exchange.response_chunk
+            flow.response.headers[DECISION_HEADER] = flow.metadata.get("vienna.decision", "allow")
+            flow.response.headers[DECISION_ID_HEADER] = exchange.decision_id
+        except Exception:
+            log.exception("response headers failed; cutting the exchange")
+            self.watch.abort(exchange, "internal.error", None)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        exchange = self.watch.pop(flow)
+        if exchange is not None:
+            self._record_finished(exchange)
+
+    def _record_finished(self, exchange: Exchange) -> None:
+        if exchange.finished:
+            return
+        exchange.finished = True
+        try:
+            if exchange.response_at is not None:
+                self.sidecar.metrics.upstream_seconds.observe(exchange.response_at - exchange.started)
+            self._record_execution(
+                exchange.request,
+                exchange.decision,
+                exchange.decision_id,
+                status=exchange.status,
+                error=exchange.error,
+                exchange=exchange,
+            )
+        except Exception:
+            log.exception("could not record an execution")
+
+    def _adapt(self, flow: http.HTTPFlow, *, body: bytes) -> tuple[Request, str | None]:
         """The request exactly as it will be forwarded; disagreeing names are refused, never guessed."""
         data = flow.request
         scheme = data.scheme
@@ -381,12 +574,12 @@ class EnforcementAddon:
             port=port,
             target=data.path,
             headers=headers,
-            body=data.raw_content or b"",
+            body=body,
         )
         return request, (warrants[0].strip() if warrants else None)
 
     async def _resolve(self, request: Request) -> str:
-        destinations = self.sidecar.forwarder.destinations
+        destinations = self.sidecar.destinations
         try:
             addresses = await destinations.lookup(request.host, request.port)
         except OSError as exc:
@@ -394,6 +587,12 @@ class EnforcementAddon:
                 502, "upstream_error", "upstream.dns", f"cannot resolve {request.host}: {exc}"
             ) from None
         return destinations.choose(addresses)
+
+    def _is_loop(self, request: Request) -> bool:
+        listeners = self.sidecar.listeners
+        return listeners.is_own(request.host, request.port) or (
+            request.address is not None and listeners.is_own(request.address, request.port)
+        )
 
     def _rate_limited(self, decision: Decision) -> float:
         rule = self.sidecar.rules.rule(decision.rule_id)
@@ -411,6 +610,26 @@ class EnforcementAddon:
 
     # --- record and observe ----------------------------------------------------------------------
 
+    def _refuse_with(
+        self,
+        flow: http.HTTPFlow,
+        request: Request,
+        decision: Decision,
+        decision_id: str,
+        started: float,
+        refusal: _Refusal,
+        *,
+        label: str | None = None,
+    ) -> None:
+        """A decided request refused for a reason outside the policy (loop, upgrade, DNS): recorded as such."""
+        refused = replace(decision, verdict=Verdict.DENIED, reason_code=refusal.code, reason=refusal.reason)
+        self._record_decision(
+            flow, request, refused, decision_id, forwarded=False, label=label or refusal.error
+        )
+        self._observe(refused, started, label or refusal.error)
+        body = deny_body(refused, error=refusal.error, decision_id=decision_id)
+        flow.response = json_response(refusal.status, body, decision_id=decision_id)
+
     def _record_decision(
         self,
         flow: http.HTTPFlow,
@@ -422,6 +641,7 @@ class EnforcementAddon:
         label: str | None = None,
         warrant_request: dict[str, Any] | None = None,
         would_deny: bool = False,
+        streamed: bool = False,
     ) -> None:
         payload: dict[str, Any] = {
             "decision_id": decision_id,
@@ -437,7 +657,7 @@ class EnforcementAddon:
         if would_deny:
             payload["would_deny"] = True
         if request is not None:
-            payload["request"] = _audit_request(request)
+            payload["request"] = _audit_request(request, streamed=streamed)
         else:
             payload["request"] = {
                 "method": flow.request.method,
@@ -463,18 +683,21 @@ class EnforcementAddon:
         decision_id: str,
         *,
         status: int,
-        size: int,
-        seconds: float,
         error: str | None,
+        exchange: Exchange | None = None,
     ) -> None:
         sidecar = self.sidecar
         payload: dict[str, Any] = {
             "decision_id": decision_id,
             "status": status,
-            "bytes": size,
-            "duration_ms": round(seconds * 1000, 3),
+            "bytes": exchange.bytes_down if exchange is not None else 0,
+            "bytes_up": exchange.bytes_up if exchange is not None else 0,
+            "bytes_down": exchange.bytes_down if exchange is not None else 0,
+            "duration_ms": round(exchange.seconds * 1000, 3) if exchange is not None else 0.0,
             "intent": decision.intent.as_dict(),
         }
+        if exchange is not None and exchange.streamed_body:
+            payload["body_sha256"] = exchange.body_sha256
         if error is not None:
             payload["error"] = error
         if decision.warrant_id is not None:
@@ -509,8 +732,22 @@ class EnforcementAddon:
             tier=decision.tier.value, decision=label, action=metrics.action_label(decision.intent.action)
         ).inc()
 
+    def _store_unavailable(self, exc: StoreUnavailable) -> http.Response:
+        log.error("audit store unavailable, refusing: %s", exc)
+        self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+        return plain_error(503, "denied", "audit.unavailable", "the audit store cannot record; refused")
+
+    def _internal_error(self, flow: http.HTTPFlow) -> http.Response:
+        self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+        exchange = self.watch.pop(flow)
+        if exchange is not None:
+            flow.metadata.pop(_EXCHANGE, None)
+            flow.request.stream = False
+        return plain_error(403, "denied", "internal.error", "internal error while enforcing; refused")
+
     def _refuse_early(self, flow: http.HTTPFlow, refusal: _Refusal) -> http.Response:
         decision_id = "d_" + secrets.token_hex(8)
+        flow.metadata["vienna.seen"] = True
         try:
             self.sidecar.recorder.record(
                 "decision",
@@ -554,6 +791,12 @@ def _body_too_large(limit: int) -> _Refusal:
     return _Refusal(413, "bad_request", "request.body_too_large", f"request body over the {limit}-byte limit")
 
 
+def _loop_refusal(request: Request) -> _Refusal:
+    return _Refusal(
+        508, "denied", LOOP, f"{request.authority} is this sidecar itself; a request there would loop"
+    )
+
+
 def _with_address(request: Request, address: str) -> Request:
     return replace(request, address=address)
 
@@ -562,7 +805,18 @@ def _replace_verdict(decision: Decision, verdict: Verdict, code: str, reason: st
     return replace(decision, verdict=verdict, reason_code=code, reason=reason)
 
 
-def _audit_request(request: Request) -> dict[str, Any]:
+def _audit_request(request: Request, *, streamed: bool = False) -> dict[str, Any]:
+    if streamed:  # the body streams after the decision: its digest is in the execution event
+        return {
+            "method": request.method,
+            "scheme": request.scheme,
+            "host": request.host,
+            "port": request.port,
+            "path": request.path,
+            "query_sha256": hashlib.sha256(request.query.encode()).hexdigest() if request.query else None,
+            "body": "streamed",
+            "address": request.address,
+        }
     return {
         "method": request.method,
         "scheme": request.scheme,
@@ -594,27 +848,3 @@ def _request_digest(request: Request) -> str:
 def _peer(flow: http.HTTPFlow) -> str:
     peer = flow.client_conn.peername
     return f"{peer[0]}:{peer[1]}" if peer else ""
-
-
-_NO_BODY_STATUS = frozenset({204, 304})
-
-
-def _relayed_response(relayed: Any, request: Request, decision: str, decision_id: str) -> http.Response:
-    headers = [(k, v) for k, v in relayed.headers if k.lower() != "content-length"]
-    if request.method == "HEAD":
-        headers.extend((k, v) for k, v in relayed.headers if k.lower() == "content-length")
-    elif relayed.status not in _NO_BODY_STATUS and not 100 <= relayed.status < 200:
-        headers.append(("Content-Length", str(len(relayed.body))))
-    headers.append((DECISION_HEADER, decision))
-    headers.append((DECISION_ID_HEADER, decision_id))
-    now = time.time()
-    return http.Response(
-        http_version=b"HTTP/1.1",
-        status_code=relayed.status,
-        reason=relayed.reason.encode("latin-1", "replace"),
-        headers=http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]),
-        content=relayed.body,
-        trailers=None,
-        timestamp_start=now,
-        timestamp_end=now,
-    )

@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -205,13 +206,14 @@ async def serve(settings: Settings) -> int:
     sidecar = build_sidecar(settings)
     loop = asyncio.get_running_loop()
     master = Master(_mitm_options(settings), event_loop=loop)
+    enforcement = EnforcementAddon(sidecar)
     master.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
-        EnforcementAddon(sidecar),
+        enforcement,
     )
     master.options.update(
         connection_strategy="lazy",
@@ -275,7 +277,7 @@ async def serve(settings: Settings) -> int:
     await asyncio.wait({stopper, master_task}, return_when=asyncio.FIRST_COMPLETED)
     sidecar.stopping = True
     log.warning("stopping: no new connections, finishing in-flight requests")
-    await _drain(sidecar, master)
+    await _drain(sidecar, master, live=enforcement.watch.live)
     master.shutdown()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(master_task, 10)
@@ -289,14 +291,16 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-async def _drain(sidecar: Sidecar, master: Master, grace: float = 10.0) -> None:
+async def _drain(
+    sidecar: Sidecar, master: Master, *, live: Mapping[str, object], grace: float = 10.0
+) -> None:
     proxy_server = master.addons.get("proxyserver")
     with contextlib.suppress(Exception):
         # stop listening: setting no modes closes the listeners but keeps live connections
         await proxy_server.servers.update([])
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if sidecar.inflight == 0:
+        if sidecar.inflight == 0 and not live:  # no hook running, no exchange still streaming
             break
         await asyncio.sleep(0.05)
 

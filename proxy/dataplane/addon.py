@@ -471,6 +471,9 @@ class EnforcementAddon:
         data.path = (request.path + (f"?{request.query}" if request.query else "")).encode()
         headers = flow.request.headers
         headers.pop(WARRANT_HEADER, None)
+        flow.request.host_header = request.authority  # the name as classified (127.1 goes up as 127.0.0.1)
+        if "transfer-encoding" in headers:
+            headers["transfer-encoding"] = "chunked"  # the one coding relayed, spelled so every parser agrees
         headers.add("Via", self.via)
         self.pins.pin(flow.client_conn, request.host, request.port, request.address)
         upstream = self.sidecar.settings.upstream_proxy_address
@@ -486,6 +489,9 @@ class EnforcementAddon:
             on_overflow=self.watch.overflow,
         )
         flow.metadata[_EXCHANGE] = exchange
+        flow.metadata[patches.UPSTREAM_ERROR_ANSWER] = lambda status, message: self._upstream_error_answer(
+            exchange, status, message
+        )
         flow.metadata["vienna.decision"] = "would-deny" if would_deny else "allow"
         self.watch.add(exchange)
         if streamed:
@@ -493,12 +499,33 @@ class EnforcementAddon:
         else:
             exchange.request_sent()
 
+    def _upstream_error_answer(self, exchange: Exchange, status: int, message: str) -> http.Response:
+        code = exchange.error or patches.protocol_reason_code(status, message)
+        error = "upstream_timeout" if status == 504 else "upstream_error"
+        body = deny_body(exchange.decision, error=error, decision_id=exchange.decision_id)
+        body.update(reason=f"upstream {exchange.request.authority} failed: {message[:300]}", reason_code=code)
+        return json_response(status, body, decision_id=exchange.decision_id)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_EXCHANGE)
         if exchange is None or flow.response is None:
             return
         try:
             exchange.response_started(flow.response.status_code)
+            limit = exchange.max_response
+            length = flow.response.headers.get("content-length", "")
+            if limit and length.strip().isdigit() and int(length) > limit:
+                # Known to be too long before a byte is relayed: refuse whole rather than cut.
+                exchange.error = "response.too_large"
+                body = deny_body(exchange.decision, error="upstream_error", decision_id=exchange.decision_id)
+                body.update(
+                    reason=f"the upstream response ({length} bytes) is over --max-response-bytes {limit}",
+                    reason_code="response.too_large",
+                )
+                self.watch.abort(
+                    exchange, "response.too_large", json_response(502, body, decision_id=exchange.decision_id)
+                )
+                return
             flow.response.stream = exchange.response_chunk
             flow.response.headers[DECISION_HEADER] = flow.metadata.get("vienna.decision", "allow")
             flow.response.headers[DECISION_ID_HEADER] = exchange.decision_id

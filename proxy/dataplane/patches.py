@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mitmproxy import flow as mitm_flow
 from mitmproxy import http
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events, layer
@@ -18,6 +19,7 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseHeaders,
     ResponseProtocolError,
 )
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 from proxy.answers import plain_error
 
@@ -117,9 +119,7 @@ def _stream_abort(stream: HttpStream, event: ExchangeAbort) -> layer.CommandGene
     flow = stream.flow
     if stream.client_state == stream.state_errored and stream.server_state == stream.state_errored:
         return
-    started = stream.server_state in (stream.state_stream_response_body, stream.state_done) or (
-        flow.response is not None and stream.server_state != stream.state_wait_for_response_headers
-    )
+    started = stream.server_state in (stream.state_stream_response_body, stream.state_done)
     server = stream.context.server
     if server.connected and stream.server_state not in (stream.state_done, stream.state_errored):
         yield SendHttp(RequestProtocolError(stream.stream_id, event.reason, ErrorCode.KILL), server)
@@ -137,6 +137,49 @@ def _stream_abort(stream: HttpStream, event: ExchangeAbort) -> layer.CommandGene
     flow.live = False
     stream.client_state = stream.server_state = stream.state_errored
     yield DropStream(stream.stream_id)
+
+
+UPSTREAM_ERROR_ANSWER = "vienna.upstream_error_answer"
+
+
+def _handle_protocol_error(
+    self: HttpStream, event: RequestProtocolError | ResponseProtocolError
+) -> layer.CommandGenerator[None]:
+    """An upstream that fails before its response headers gets the refusal body of the exchange's
+    decision (its tier, intent, decision id) instead of mitmproxy's context-free error page."""
+    flow = getattr(self, "flow", None)
+    answer = flow.metadata.get(UPSTREAM_ERROR_ANSWER) if flow is not None else None
+    if (
+        isinstance(event, ResponseProtocolError)
+        and answer is not None
+        and flow is not None
+        and self.client_state == self.state_done
+        and self.server_state == self.state_wait_for_response_headers
+    ):
+        flow.error = mitm_flow.Error(event.message)
+        yield HttpErrorHook(flow)
+        response: http.Response = answer(event.code.http_status_code() or 502, event.message)
+        flow.response = response
+        yield SendHttp(ResponseHeaders(self.stream_id, response, False), self.context.client)
+        yield SendHttp(ResponseData(self.stream_id, response.raw_content or b""), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        flow.live = False
+        self.client_state = self.server_state = self.state_errored
+        yield DropStream(self.stream_id)
+        return
+    yield from _original_protocol_error(self, event)
+
+
+_original_protocol_error = HttpStream.handle_protocol_error
+_original_check_body_size = HttpStream.check_body_size
+
+
+def _check_request_body_size(self: HttpStream, request: bool) -> layer.CommandGenerator[bool]:
+    """body_size_limit (= --max-body-bytes) limits the request bodies mitmproxy buffers, never responses:
+    those stream, and --max-response-bytes is counted by the exchange as they do."""
+    if not request:
+        return False
+    return (yield from _original_check_body_size(self, request))
 
 
 _original_stream_handle = HttpStream._handle_event
@@ -172,3 +215,5 @@ def install() -> None:
     _http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]
     HttpStream._handle_event = _stream_handle_event  # type: ignore[method-assign]
     HttpLayer._handle_event = _layer_handle_event  # type: ignore[method-assign]
+    HttpStream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
+    HttpStream.check_body_size = _check_request_body_size  # type: ignore[method-assign]

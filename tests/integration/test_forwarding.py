@@ -103,14 +103,15 @@ def test_upstream_slower_than_the_upstream_timeout_is_answered_504(
 def test_body_over_max_body_bytes_with_content_length_is_refused_413(
     sidecar: Sidecar, upstream: Upstream
 ) -> None:
-    path = "/notes/" + unique("big")
+    path = "/items/" + unique("big")
     refused = sidecar.request("POST", upstream.url(path), data=b"x" * 5000)
     assert_refused(refused, 413, "bad_request", "request.body_too_large")
     assert upstream.seen(path) == []
 
 
 def test_chunked_body_over_max_body_bytes_is_refused_413(sidecar: Sidecar, upstream: Upstream) -> None:
-    path = "/notes/" + unique("big-chunked")
+    # /items is T2: the decision needs the body (a warrant binds its hash), so it is buffered and limited
+    path = "/items/" + unique("big-chunked")
 
     def chunks() -> Iterator[bytes]:
         for _ in range(5):
@@ -142,14 +143,14 @@ def test_head_is_relayed_with_the_upstream_length_and_no_body(sidecar: Sidecar, 
     assert [seen.method for seen in upstream.seen(path)] == ["HEAD"]
 
 
-def test_chunked_upstream_response_is_relayed_whole(sidecar: Sidecar, upstream: Upstream) -> None:
+def test_chunked_upstream_response_is_relayed_as_it_streams(sidecar: Sidecar, upstream: Upstream) -> None:
     response = sidecar.request("GET", upstream.url("/chunked"))
     assert response.status_code == 200
     assert response.content == b"chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;"
-    assert response.headers["Content-Length"] == str(len(response.content))
+    assert response.headers["Transfer-Encoding"] == "chunked"  # streamed, never re-framed whole
 
 
-def test_upstream_response_over_max_response_bytes_is_answered_502(
+def test_upstream_response_announced_over_max_response_bytes_is_answered_502(
     sidecar: Sidecar, upstream: Upstream
 ) -> None:
     assert sidecar.request("GET", upstream.url("/big?bytes=60000")).content == b"z" * 60000
@@ -158,7 +159,7 @@ def test_upstream_response_over_max_response_bytes_is_answered_502(
     assert response.headers["Vienna-Decision"] == "deny"
     assert (response.json()["error"], response.json()["reason_code"]) == (
         "upstream_error",
-        "upstream.too_large",
+        "response.too_large",
     )
 
 
@@ -174,13 +175,31 @@ def test_duplicate_warrant_headers_are_refused_400(
     assert upstream.seen(path) == []
 
 
-def test_protocol_upgrade_is_refused_400(sidecar: Sidecar, upstream: Upstream) -> None:
+def test_websocket_upgrade_on_a_rule_without_websocket_is_refused_403(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
     path = "/" + unique("upgrade")
     refused = sidecar.request(
         "GET", upstream.url(path), headers={"Upgrade": "websocket", "Connection": "Upgrade"}
     )
-    assert_refused(refused, 400, "bad_request", "request.upgrade")
+    assert_refused(refused, 403, "denied", "request.upgrade")
     assert upstream.seen(path) == []
+
+
+def test_h2c_upgrade_offer_is_dropped_and_the_request_forwarded(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/" + unique("h2c")
+    response = sidecar.request(
+        "GET",
+        upstream.url(path),
+        headers={
+            "Upgrade": "h2c",
+            "Connection": "Upgrade, HTTP2-Settings",
+            "HTTP2-Settings": "AAMAAABkAAQAAP__",
+        },
+    )
+    assert (response.status_code, response.headers["Vienna-Decision"]) == (200, "allow")
+    [seen] = upstream.seen(path)
+    assert seen.header("upgrade") is None and seen.header("http2-settings") is None
 
 
 @pytest.mark.parametrize(

@@ -348,7 +348,7 @@ def test_host_index_lists_rules_in_document_order() -> None:
     assert dict(rules.by_exact_host) == {"api.example.com": (0, 3)}
     assert dict(rules.by_wildcard_suffix) == {"example.com": (1, 3)}
     assert rules.any_host == (2,)
-    assert rules.named_hosts == frozenset({"api.example.com"})
+    assert rules.named_hosts == frozenset({"api.example.com", "api.example.com:8443"})
 
 
 @pytest.mark.parametrize(

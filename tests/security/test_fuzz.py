@@ -253,8 +253,11 @@ def _decide(request: Request, rules: RuleSet, warrant: str | None) -> Decision:
 
 
 def _named(rules: RuleSet, request: Request) -> bool:
-    return request.host in rules.named_hosts or (
-        request.address is not None and request.address in rules.named_hosts
+    named = rules.named_hosts
+    return any(
+        candidate in named or f"{candidate}:{request.port}" in named
+        for candidate in (request.host, request.address)
+        if candidate is not None
     )
 
 

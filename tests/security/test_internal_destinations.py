@@ -14,7 +14,7 @@ import asyncio
 import json
 import socket
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -22,10 +22,11 @@ from typing import Any, cast
 import pytest
 from mitmproxy import connection, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from proxy.addon import EnforcementAddon
-from proxy.forward import DestinationResolver
+from proxy.dataplane.addon import EnforcementAddon
+from proxy.dataplane.destinations import DestinationResolver
 from proxy.settings import add_run_flags, resolve_settings
 from tests.security.conftest import OPEN_POLICY
 from tests.security.support import (
@@ -143,9 +144,9 @@ def test_redirect_to_a_private_address_is_relayed_and_the_follow_up_refused(
     assert_refused(followed, 403, "destination.internal", "denied")
 
 
-# --- DNS rebinding, against the real addon, resolver and forwarder ----------------------------------
+# --- DNS rebinding, against the real addon, resolver and address pins ------------------------------
 
-PUBLIC = "93.184.216.34"  # any public address: the forwarder's connection to it is redirected below
+PUBLIC = "93.184.216.34"  # any public address: never contacted, the test stops at the connect hook
 
 
 class Rebinder:
@@ -175,35 +176,14 @@ def in_process(tmp_path: Path) -> Iterator[RunningSidecar]:
     )
     sidecar = build_sidecar(settings)
     # A cache that forgets at once: every request looks the name up again, as after a short DNS TTL.
-    sidecar.forwarder.destinations = DestinationResolver(ttl=0.001)
+    sidecar.destinations = DestinationResolver(ttl=0.001)
     yield sidecar
     sidecar.store.close()
 
 
-@pytest.fixture
-async def connections(
-    monkeypatch: pytest.MonkeyPatch, upstream: Upstream, in_process: RunningSidecar
-) -> AsyncIterator[list[tuple[str, int]]]:
-    """Where the forwarder connects; a connection to PUBLIC is carried to the loopback upstream instead."""
-    attempts: list[tuple[str, int]] = []
-    real: Callable[..., Any] = asyncio.open_connection
-
-    async def open_connection(host: str, port: int, **kwargs: Any) -> Any:
-        if host == PUBLIC:
-            attempts.append((host, port))
-            return await real("127.0.0.1", upstream.port, **kwargs)
-        if port != upstream.app_port:  # the upstream's own tap uses the real thing
-            attempts.append((host, port))
-        return await real(host, port, **kwargs)
-
-    monkeypatch.setattr(asyncio, "open_connection", open_connection)
-    yield attempts
-    await in_process.forwarder.close()
-
-
-def _flow(url: str) -> http.HTTPFlow:
+def _flow(url: str, client: connection.Client | None = None) -> http.HTTPFlow:
     # mitmproxy.test.tflow would do, but importing it drags in ldap3, which warns at import time.
-    client = connection.Client(
+    client = client or connection.Client(
         peername=("127.0.0.1", 40000),
         sockname=("127.0.0.1", 8080),
         timestamp_start=0.0,
@@ -214,15 +194,25 @@ def _flow(url: str) -> http.HTTPFlow:
     return flow
 
 
-async def _through_addon(sidecar: RunningSidecar, url: str) -> http.Response:
+def _addon(sidecar: RunningSidecar) -> EnforcementAddon:
     addon = EnforcementAddon(sidecar)
     options = SimpleNamespace(update=lambda **_: None)
     addon.load(cast(Loader, SimpleNamespace(master=SimpleNamespace(options=options))))  # as mitmproxy would
-    flow = _flow(url)
-    addon.requestheaders(flow)
+    return addon
+
+
+async def _through_addon(addon: EnforcementAddon, flow: http.HTTPFlow) -> http.Response | None:
+    """The hooks mitmproxy runs before it connects; None when the request is handed on to forward."""
+    await addon.requestheaders(flow)
     await addon.request(flow)
-    assert flow.response is not None
     return flow.response
+
+
+def _connect(addon: EnforcementAddon, flow: http.HTTPFlow) -> connection.Server:
+    """What mitmproxy does next: open a server connection to the request's host, via the connect hook."""
+    server = connection.Server(address=(flow.request.host, flow.request.port))
+    addon.server_connect(server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn))
+    return server
 
 
 def _reason_code(response: http.Response) -> str:
@@ -231,53 +221,62 @@ def _reason_code(response: http.Response) -> str:
 
 
 async def test_dns_rebinding_public_then_private_connects_only_to_the_checked_address(
-    monkeypatch: pytest.MonkeyPatch,
-    in_process: RunningSidecar,
-    connections: list[tuple[str, int]],
-    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch, in_process: RunningSidecar, upstream: Upstream
 ) -> None:
     rebinder = Rebinder([[PUBLIC], ["127.0.0.1"]])
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", rebinder.getaddrinfo)
-    marker = unique("rebind")
-
-    first = await _through_addon(in_process, f"http://rebind.test:{upstream.port}/{marker}")
-    assert first.status_code == 200, first.content
-    assert rebinder.lookups == ["rebind.test"]  # one lookup per request: the forwarder never asks again
-    assert connections == [(PUBLIC, upstream.port)]
-    assert [s.header("host") for s in upstream.seen_containing(marker)] == [f"rebind.test:{upstream.port}"]
+    addon = _addon(in_process)
+    first = _flow(f"http://rebind.test:{upstream.port}/a")
+    assert await _through_addon(addon, first) is None  # allowed: handed to mitmproxy to forward
+    assert rebinder.lookups == ["rebind.test"]
+    server = _connect(addon, first)
+    assert server.error is None
+    assert server.address == (PUBLIC, upstream.port)  # connects to the checked number, not the name
+    assert first.request.host == "rebind.test"  # the name stays for SNI and Host
 
     await asyncio.sleep(0.01)  # the cached answer expires; the name now resolves to loopback
-    second = await _through_addon(in_process, f"http://rebind.test:{upstream.port}/{marker}-again")
-    assert (second.status_code, _reason_code(second)) == (403, "destination.internal")
+    second = _flow(f"http://rebind.test:{upstream.port}/again", client=first.client_conn)
+    refused = await _through_addon(addon, second)
+    assert refused is not None
+    assert (refused.status_code, _reason_code(refused)) == (403, "destination.internal")
     assert rebinder.lookups == ["rebind.test", "rebind.test"]
-    assert connections == [(PUBLIC, upstream.port)]  # nothing was opened for the rebound answer
-    assert not upstream.seen_containing(f"{marker}-again")
+    # the pin still holds the address that was checked: a reused connection can only go there
+    assert addon.pins.pinned(first.client_conn, "rebind.test", upstream.port) == PUBLIC
+
+
+async def test_a_connection_nobody_decided_is_refused_at_connect(
+    in_process: RunningSidecar, upstream: Upstream
+) -> None:
+    addon = _addon(in_process)
+    server = _connect(addon, _flow(f"http://never-decided.test:{upstream.port}/x"))
+    assert server.error is not None and "no checked address" in server.error
+    assert server.address == ("never-decided.test", upstream.port)
 
 
 async def test_dns_answer_mixing_public_and_private_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-    in_process: RunningSidecar,
-    connections: list[tuple[str, int]],
-    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch, in_process: RunningSidecar, upstream: Upstream
 ) -> None:
     rebinder = Rebinder([[PUBLIC, "10.1.2.3"]])
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", rebinder.getaddrinfo)
-    response = await _through_addon(in_process, f"http://mixed.test:{upstream.port}/x")
+    addon = _addon(in_process)
+    flow = _flow(f"http://mixed.test:{upstream.port}/x")
+    response = await _through_addon(addon, flow)
+    assert response is not None
     assert (response.status_code, _reason_code(response)) == (403, "destination.internal")
-    assert connections == []
+    assert _connect(addon, flow).error is not None
 
 
 async def test_dns_answer_of_metadata_address_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-    in_process: RunningSidecar,
-    connections: list[tuple[str, int]],
-    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch, in_process: RunningSidecar, upstream: Upstream
 ) -> None:
     rebinder = Rebinder([["169.254.169.254"]])
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", rebinder.getaddrinfo)
-    response = await _through_addon(in_process, f"http://innocent.example:{upstream.port}/x")
+    addon = _addon(in_process)
+    flow = _flow(f"http://innocent.example:{upstream.port}/x")
+    response = await _through_addon(addon, flow)
+    assert response is not None
     assert (response.status_code, _reason_code(response)) == (403, "destination.internal")
-    assert connections == []
+    assert _connect(addon, flow).error is not None
 
 
 def test_resolver_prefers_the_internal_answer_so_a_mixed_answer_is_checked_as_internal() -> None:

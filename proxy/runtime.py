@@ -222,7 +222,8 @@ async def serve(settings: Settings) -> int:
         http2=True,
         websocket=True,
         # a connection silent both ways this long is closed (keep-alive, WebSocket, tunnels)
-        tcp_timeout=max(1, int(settings.idle_timeout + 0.999)),
+        # (a margin above --idle-timeout, so that the exchange watch cuts and audits an idle exchange first)
+        tcp_timeout=int(settings.idle_timeout + 0.999) + 5,
         store_streamed_bodies=False,
     )
     bundle = upstream_ca_bundle(settings.upstream_ca_file, settings.data_dir)

@@ -152,8 +152,14 @@ class Tunnels:
             flow.messages.clear()  # relayed; keeping them would grow without bound
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
-        tunnel = self._pending.pop(flow.client_conn.id, None)
-        if tunnel is None:
+        self._finish(flow.client_conn.id, flow.error.msg if flow.error is not None else None)
+
+    def client_disconnected(self, client: Any) -> None:
+        self._finish(client.id, None)
+
+    def _finish(self, client_id: str, error: str | None) -> None:
+        tunnel = self._pending.pop(client_id, None)
+        if tunnel is None or not tunnel.decided:
             return
         payload: dict[str, Any] = {
             "decision_id": tunnel.decision_id,
@@ -169,18 +175,15 @@ class Tunnels:
                 "rule": tunnel.rule,
             },
         }
-        if flow.error is not None:
-            payload["error"] = flow.error.msg[:200]
+        if error is not None:
+            payload["error"] = error[:200]
         self._record("execution", payload, durable=False)
-
-    def client_disconnected(self, client: Any) -> None:
-        self._pending.pop(client.id, None)
 
     # --- WebSocket -----------------------------------------------------------------------------------
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         flow.metadata[_COUNTS] = [0, 0, 0, 0]  # messages up, bytes up, messages down, bytes down
-        self._record("websocket", {**self._ws_base(flow), "event": "open"}, durable=False)
+        self._record("execution", {**self._ws_base(flow), "websocket": "open"}, durable=False)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None or not flow.websocket.messages:
@@ -196,14 +199,14 @@ class Tunnels:
         counts = flow.metadata.get(_COUNTS, [0, 0, 0, 0])
         payload = {
             **self._ws_base(flow),
-            "event": "close",
+            "websocket": "close",
             "messages_up": counts[0],
             "bytes_up": counts[1],
             "messages_down": counts[2],
             "bytes_down": counts[3],
             "close_code": flow.websocket.close_code if flow.websocket is not None else None,
         }
-        self._record("websocket", payload, durable=False)
+        self._record("execution", payload, durable=False)
 
     @staticmethod
     def _ws_base(flow: http.HTTPFlow) -> dict[str, Any]:

@@ -9,14 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cel
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError
 
 from policy.addresses import parse_ip
 from policy.model import Tier
 from policy.normalize import AmbiguousRequest, normalize_host, normalize_method
 from policy.templates import PathTemplate, TemplateError, check_target, compile_path
+from policy.yaml_lines import LineMap, LineSeq, YamlProblem, load_yaml
 
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_TARGET = "{host}{path}"
@@ -167,26 +165,26 @@ class _Collector:
 
 
 def _key_line(node: Any, key: Any, fallback: int) -> int:
-    if isinstance(node, CommentedMap):
+    if isinstance(node, LineMap):
         try:
-            return int(node.lc.key(key)[0]) + 1
-        except (KeyError, TypeError, AttributeError):
+            return node.key_lines[key]
+        except (KeyError, TypeError):
             return fallback
     return fallback
 
 
 def _item_line(node: Any, index: int, fallback: int) -> int:
-    if isinstance(node, CommentedSeq):
+    if isinstance(node, LineSeq):
         try:
-            return int(node.lc.item(index)[0]) + 1
-        except (KeyError, TypeError, AttributeError, IndexError):
+            return node.item_lines[index]
+        except IndexError:
             return fallback
     return fallback
 
 
 def _node_line(node: Any, fallback: int) -> int:
-    if isinstance(node, CommentedMap | CommentedSeq):
-        return int(node.lc.line) + 1
+    if isinstance(node, LineMap | LineSeq):
+        return node.line
     return fallback
 
 
@@ -249,15 +247,12 @@ def load_rules(text: str, *, file: str = "policy.yaml") -> RuleSet:
     """Parse and validate a whole document. Raises PolicyError naming every problem."""
     issues = _Collector(file)
     try:
-        document = YAML(typ="rt", pure=True).load(text)
-    except YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = int(mark.line) + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise PolicyError([PolicyIssue(file, line, "", f"invalid YAML: {problem}")]) from None
-    except Exception as exc:  # ruamel raises a few non-YAMLError types on odd input (e.g. tags)
-        raise PolicyError([PolicyIssue(file, 1, "", f"invalid YAML: {exc}")]) from None
-    if not isinstance(document, CommentedMap):
+        document = load_yaml(text)
+    except YamlProblem as exc:
+        raise PolicyError([PolicyIssue(file, exc.line, "", f"invalid YAML: {exc.message}")]) from None
+    except RecursionError:
+        raise PolicyError([PolicyIssue(file, 1, "", "invalid YAML: nested too deeply")]) from None
+    if not isinstance(document, LineMap):
         raise PolicyError([PolicyIssue(file, 1, "", "the document must be a mapping with version and rules")])
 
     for key in document:
@@ -276,7 +271,7 @@ def load_rules(text: str, *, file: str = "policy.yaml") -> RuleSet:
             issues.add(_key_line(document, "default_tier", 1), "default_tier", str(exc))
     raw_rules = document.get("rules")
     rules: list[Rule] = []
-    if not isinstance(raw_rules, CommentedSeq):
+    if not isinstance(raw_rules, LineSeq):
         issues.add(_key_line(document, "rules", 1), "rules", "must be a list of rules")
     else:
         for index, raw in enumerate(raw_rules):
@@ -299,7 +294,7 @@ def load_rules(text: str, *, file: str = "policy.yaml") -> RuleSet:
 
 def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | None:
     where = f"rules[{index}]"
-    if not isinstance(raw, CommentedMap):
+    if not isinstance(raw, LineMap):
         issues.add(line, where, "must be a mapping")
         return None
     line = _node_line(raw, line)
@@ -369,7 +364,7 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
     )
 
 
-def _parse_flag(raw: CommentedMap, key: str, where: str, line: int, issues: _Collector) -> bool:
+def _parse_flag(raw: LineMap, key: str, where: str, line: int, issues: _Collector) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
         issues.add(line, f"{where}.{key}", f"must be true or false, not {value!r}")
@@ -378,7 +373,7 @@ def _parse_flag(raw: CommentedMap, key: str, where: str, line: int, issues: _Col
 
 
 def _check_passthrough(
-    raw: CommentedMap,
+    raw: LineMap,
     tier: Tier,
     methods: frozenset[str] | None,
     paths: tuple[PathTemplate, ...] | None,
@@ -395,7 +390,7 @@ def _check_passthrough(
             f"a tunnel cannot carry a warrant: tier must be T0, T1 or deny, not {tier}",
         )
     match = raw.get("match")
-    if not isinstance(match, CommentedMap) or "hosts" not in match:
+    if not isinstance(match, LineMap) or "hosts" not in match:
         issues.add(line, f"{where}.passthrough", "a passthrough rule must name its hosts in match.hosts")
     if methods is not None or paths is not None:
         issues.add(
@@ -414,7 +409,7 @@ def _parse_match(
 ) -> tuple[tuple[HostPattern, ...] | None, frozenset[str] | None, tuple[PathTemplate, ...] | None]:
     if raw is None:
         return None, None, None
-    if not isinstance(raw, CommentedMap):
+    if not isinstance(raw, LineMap):
         issues.add(line, f"{where}.match", "must be a mapping of hosts, methods, paths")
         return None, None, None
     for key in raw:
@@ -426,7 +421,7 @@ def _parse_match(
         if value is None:
             return None
         key_line = _key_line(raw, key, line)
-        if not isinstance(value, CommentedSeq) or not value:
+        if not isinstance(value, LineSeq) or not value:
             issues.add(key_line, f"{where}.match.{key}", "must be a non-empty list")
             return None
         strings: list[tuple[int, int, str]] = []
@@ -517,7 +512,7 @@ def cel_inputs(source: str) -> frozenset[str] | None:
 def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> RateLimit | None:
     if raw is None:
         return None
-    if not isinstance(raw, CommentedMap) or set(raw) - {"rate"} or "rate" not in raw:
+    if not isinstance(raw, LineMap) or set(raw) - {"rate"} or "rate" not in raw:
         issues.add(line, f"{where}.limits", "must be a mapping with rate, e.g. {rate: 10/m}")
         return None
     if tier is not Tier.T1:
@@ -532,7 +527,7 @@ def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collecto
 def _parse_warrant(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> WarrantPolicy:
     if raw is None:
         return WarrantPolicy()
-    if not isinstance(raw, CommentedMap):
+    if not isinstance(raw, LineMap):
         issues.add(line, f"{where}.warrant", "must be a mapping of ttl, max_uses, bind")
         return WarrantPolicy()
     if not tier.needs_warrant:

@@ -43,7 +43,7 @@ def test_check_accepts_every_example_policy(path: Path) -> None:
             "uncaptured_target",
             "6: rules[0].target: '{owner}/{repo}' uses repo, which no path template of the rule captures",
         ),
-        ("invalid_yaml", "4: invalid YAML: expected ',' or ']', but got '}'"),
+        ("invalid_yaml", "4: invalid YAML: did not find expected ',' or ']'"),
     ],
 )
 def test_check_refuses_a_broken_policy_with_a_line_precise_message(fixture: str, message: str) -> None:

@@ -213,6 +213,18 @@ def test_a_slow_stream_longer_than_every_timeout_is_not_cut(
     assert response.content.count(b"data:") == 10
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("VIENNA_LONG_TESTS") != "1", reason="a 10-minute stream; VIENNA_LONG_TESTS=1 runs it"
+)
+def test_a_ten_minute_stream_of_a_byte_a_second_is_relayed_whole(
+    v2: Sidecar, streaming_upstream: StreamingUpstream
+) -> None:
+    response = v2.request("GET", f"http://127.0.0.1:{streaming_upstream.port}/sse?events=600&gap=1")
+    assert response.status_code == 200
+    assert response.content.count(b"data:") == 600
+
+
 def test_no_response_headers_within_the_response_timeout_is_504(
     v2: Sidecar, streaming_upstream: StreamingUpstream
 ) -> None:
@@ -249,8 +261,10 @@ def test_silence_mid_stream_over_the_idle_timeout_closes_and_is_audited(
     assert idle, "the idle cut is audited"
 
 
-def test_big_download_streams_with_bounded_memory(v2: Sidecar, streaming_upstream: StreamingUpstream) -> None:
-    size = 200 * 1024 * 1024
+def test_one_gigabyte_download_streams_with_bounded_memory(
+    v2: Sidecar, streaming_upstream: StreamingUpstream
+) -> None:
+    size = 1024 * 1024 * 1024
     pid = v2.process.pid if v2.process is not None else 0
     before = _rss(pid)
     digest = hashlib.sha256()
@@ -275,19 +289,19 @@ def test_big_upload_streams_and_its_hash_is_audited(
     expected = hashlib.sha256()
 
     def body() -> Iterator[bytes]:
-        for _ in range(50):  # 50 MB, far over --max-body-bytes 64 KiB: T1 without a body `when` streams
+        for _ in range(200):  # 200 MB, far over --max-body-bytes 64 KiB: T1 without a body `when` streams
             expected.update(block)
             yield block
 
     response = v2.request("PUT", f"http://127.0.0.1:{streaming_upstream.port}{path}", data=body())
     assert response.status_code == 200, response.text
     total, digest, headers = streaming_upstream.uploads[path]
-    assert (total, digest) == (50 << 20, expected.hexdigest())
+    assert (total, digest) == (200 << 20, expected.hexdigest())
     assert headers["via"].startswith("1.1 vienna-")
     [execution] = _eventually(lambda: _executions(v2, response.headers["Vienna-Decision-Id"]))
     assert (execution["body_sha256"], execution["bytes_up"], execution["status"]) == (
         expected.hexdigest(),
-        50 << 20,
+        200 << 20,
         200,
     )
 

@@ -1,6 +1,6 @@
 """Throughput and latency, in one run: direct vs bare mitmproxy vs the sidecar (T0 rule, keep-alive).
 
-usage: python bench/proxy.py [--seconds 8] [--connections 8]
+usage: python bench/proxy.py [--seconds 8] [--connections 1,32]
 
 The sidecar runs twice: with `--durable-audit true` (the default: each decision is committed to
 SQLite before the request is forwarded) and `false` (decisions group-committed every ~20 ms), so
@@ -8,7 +8,7 @@ the cost of durability shows in the same run.
 
 Starts a loopback upstream (aiohttp), a bare mitmproxy (only the addons a working proxy needs)
 and `vienna run` with a T0 policy, then drives each with the same keep-alive asyncio client:
-requests/s at N connections, p50/p99 latency at 1 connection, and the proxy process's CPU time
+requests/s and p50/p99 latency at 1 and at 32 connections, and the proxy process's CPU time
 per request (from /proc). Prints a markdown table. Measures; asserts nothing.
 """
 
@@ -95,6 +95,7 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class Result:
     name: str
+    connections: int
     rps: float
     p50_ms: float
     p99_ms: float
@@ -127,22 +128,22 @@ async def _one_connection(
     return done
 
 
-async def drive(port: int, upstream_port: int, *, via_proxy: bool, connections: int, seconds: float) -> int:
+async def drive(
+    port: int,
+    upstream_port: int,
+    *,
+    via_proxy: bool,
+    connections: int,
+    seconds: float,
+    samples: list[float] | None = None,
+) -> int:
     target = f"http://127.0.0.1:{upstream_port}/bench" if via_proxy else "/bench"
     request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n\r\n".encode()
     deadline = time.perf_counter() + seconds
     counts = await asyncio.gather(
-        *(_one_connection("127.0.0.1", port, request, deadline, None) for _ in range(connections))
+        *(_one_connection("127.0.0.1", port, request, deadline, samples) for _ in range(connections))
     )
     return sum(counts)
-
-
-async def latency(port: int, upstream_port: int, *, via_proxy: bool, seconds: float) -> list[float]:
-    target = f"http://127.0.0.1:{upstream_port}/bench" if via_proxy else "/bench"
-    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n\r\n".encode()
-    samples: list[float] = []
-    await _one_connection("127.0.0.1", port, request, time.perf_counter() + seconds, samples)
-    return samples
 
 
 def measure(
@@ -159,16 +160,23 @@ def measure(
         drive(port, upstream_port, via_proxy=via_proxy, connections=connections, seconds=1.0)
     )  # warm-up
     cpu_before = cpu_seconds(pid) if pid else 0.0
+    samples: list[float] = []
     count = asyncio.run(
-        drive(port, upstream_port, via_proxy=via_proxy, connections=connections, seconds=seconds)
+        drive(
+            port,
+            upstream_port,
+            via_proxy=via_proxy,
+            connections=connections,
+            seconds=seconds,
+            samples=samples,
+        )
     )
     cpu_after = cpu_seconds(pid) if pid else 0.0
-    samples = sorted(
-        asyncio.run(latency(port, upstream_port, via_proxy=via_proxy, seconds=min(seconds, 4.0)))
-    )
-    p99 = samples[int(len(samples) * 0.99) - 1] if samples else 0.0
+    samples.sort()
+    p99 = samples[max(0, int(len(samples) * 0.99) - 1)] if samples else 0.0
     return Result(
         name=name,
+        connections=connections,
         rps=count / seconds,
         p50_ms=statistics.median(samples) * 1000 if samples else 0.0,
         p99_ms=p99 * 1000,
@@ -205,8 +213,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--connections", default="1,32", help="comma-separated connection counts")
     args = parser.parse_args()
+    counts = [int(c) for c in str(args.connections).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="vienna-bench-"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -216,7 +225,8 @@ def main() -> int:
         wait_port(upstream_port)
         results = [
             measure("direct", upstream_port, upstream_port, None, via_proxy=False,
-                    connections=args.connections, seconds=args.seconds)
+                    connections=c, seconds=args.seconds)
+            for c in counts
         ]  # fmt: skip
 
         bare_port = free_port()
@@ -226,9 +236,10 @@ def main() -> int:
         )
         processes.append(bare)
         wait_port(bare_port)
-        results.append(
+        results.extend(
             measure("bare mitmproxy", bare_port, upstream_port, bare.pid, via_proxy=True,
-                    connections=args.connections, seconds=args.seconds)
+                    connections=c, seconds=args.seconds)
+            for c in counts
         )  # fmt: skip
         bare.terminate()
 
@@ -240,9 +251,10 @@ def main() -> int:
                 if durable
                 else "vienna, T0, audit group-committed"
             )
-            results.append(
+            results.extend(
                 measure(label, port, upstream_port, sidecar.pid, via_proxy=True,
-                        connections=args.connections, seconds=args.seconds)
+                        connections=c, seconds=args.seconds)
+                for c in counts
             )  # fmt: skip
             sidecar.terminate()
             sidecar.wait(15)
@@ -256,16 +268,17 @@ def main() -> int:
                     proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    bare_result = next(r for r in results if r.name == "bare mitmproxy")
-    print(
-        f"\n{args.connections} keep-alive connections for {args.seconds:.0f} s each; latency at 1 connection\n"
-    )
-    print("| path | req/s | × bare mitmproxy | p50 ms | p99 ms | proxy CPU µs/req |")
-    print("|---|---|---|---|---|---|")
+    bare_by_count = {r.connections: r for r in results if r.name == "bare mitmproxy"}
+    print(f"\nkeep-alive connections, {args.seconds:.0f} s each; latency over every request of the run\n")
+    print("| path | connections | req/s | × bare mitmproxy | p50 ms | p99 ms | proxy CPU µs/req |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         cpu = f"{r.cpu_us_per_request:.0f}" if r.cpu_us_per_request is not None else "-"
-        ratio = r.rps / bare_result.rps if bare_result.rps else 0.0
-        print(f"| {r.name} | {r.rps:,.0f} | {ratio:.2f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {cpu} |")
+        base = bare_by_count.get(r.connections)
+        ratio = r.rps / base.rps if base is not None and base.rps else 0.0
+        print(
+            f"| {r.name} | {r.connections} | {r.rps:,.0f} | {ratio:.2f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {cpu} |"
+        )
     return 0
 
 

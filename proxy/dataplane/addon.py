@@ -236,8 +236,17 @@ class EnforcementAddon:
             headers["connection"] = "Upgrade"
         else:
             fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+            close = any(
+                token.strip().lower() == "close"
+                for value in headers.get_all("connection")
+                for token in value.split(",")
+            )
             for name in hop_by_hop_names(fields):
                 headers.pop(name, None)
+            if close:
+                # mitmproxy reads the client's `Connection: close` from these same headers to close
+                # after the answer; it stays (the one hop-by-hop token the upstream may also see).
+                headers["connection"] = "close"
         return None
 
     # --- request: the decision that needs the body, or the end of a streamed one ----------------

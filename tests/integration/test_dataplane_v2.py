@@ -499,3 +499,18 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def test_a_clients_connection_close_is_honoured_after_a_streamed_answer(
+    v2: Sidecar, streaming_upstream: StreamingUpstream
+) -> None:
+    with socket.create_connection(("127.0.0.1", v2.proxy_port), timeout=10) as sock:
+        sock.sendall(
+            f"GET http://127.0.0.1:{streaming_upstream.port}/big?bytes=100000 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{streaming_upstream.port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := sock.recv(65536):  # ends only when the sidecar closes, as the client asked
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == 100000

@@ -1,15 +1,16 @@
-"""YAML text → plain values that remember their line: libyaml's composer, YAML 1.2 core-schema scalars.
+"""YAML text → plain values that remember their line: libyaml's parser, YAML 1.2 core-schema scalars.
 
-Policies of 10,000 rules must load in well under a second; a pure-Python round-trip parser took ten.
-libyaml (through PyYAML's C binding, with no implicit resolver of its own) composes the node tree;
-plain scalars are resolved here with the YAML 1.2 core schema (so `yes`, `on`, `010` or `1:20` stay what YAML 1.2 says, not what 1.1 says), and a key given
-twice in one mapping is an error, never a silent last-wins.
+A pure-Python round-trip parser took ten seconds for a 10,000-rule policy. libyaml (through PyYAML's
+C binding) parses into events, built into values here; plain scalars are resolved with the YAML 1.2
+core schema (so `yes`, `on`, `010` or `1:20` mean what YAML 1.2 says, not what 1.1 says), and a key
+given twice in one mapping is an error, never a silent last-wins.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -40,19 +41,8 @@ _MAX_DEPTH = 64
 _MAYBE_NOT_TEXT = frozenset("~nNtTfF0123456789+-.")
 
 
-_BASE_LOADER: Any = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
-_DEFAULT_TAGS = {
-    yaml.ScalarNode: "tag:yaml.org,2002:str",
-    yaml.SequenceNode: "tag:yaml.org,2002:seq",
-    yaml.MappingNode: "tag:yaml.org,2002:map",
-}
-
-
-class _Loader(_BASE_LOADER):  # type: ignore[misc]
-    """libyaml's parser and composer; untagged nodes get the default tag, resolved later in _scalar."""
-
-    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        return _DEFAULT_TAGS[kind]
+# libyaml's parser through PyYAML's C binding (the pure-Python one when libyaml is missing).
+_Loader: Any = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 
 
 class YamlProblem(ValueError):
@@ -81,58 +71,99 @@ class LineSeq(list[Any]):
 def load_yaml(text: str) -> Any:
     """The one document in `text` as LineMap / LineSeq / scalars. Raises YamlProblem."""
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        return _build(yaml.parse(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise YamlProblem(mark.line + 1 if mark else 1, exc.problem or str(exc).splitlines()[0]) from None
     except yaml.YAMLError as exc:
         raise YamlProblem(1, str(exc).splitlines()[0] if str(exc) else "invalid YAML") from None
-    if node is None:
-        return None
-    return _construct(node, 0)
 
 
-def _construct(node: yaml.Node, depth: int) -> Any:
-    line = node.start_mark.line + 1
-    if depth > _MAX_DEPTH:
+_NO_KEY = object()
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_VALUE_EVENTS = (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)
+
+
+def _build(events: Iterator[yaml.Event]) -> Any:
+    """Values from libyaml's event stream. Events come one at a time from C, so a thread loading a big
+    policy gives the GIL back between them (a whole-document compose held it ~100 ms at a time)."""
+    stack: list[tuple[LineMap | LineSeq, list[Any]]] = []  # container, [pending key, its line]
+    anchors: dict[str, Any] = {}
+    document: Any = None
+    documents = 0
+    for event in events:
+        line = event.start_mark.line + 1 if event.start_mark is not None else 1
+        if isinstance(event, _VALUE_EVENTS):
+            value = _value(event, line, anchors, depth=len(stack))
+            anchor = getattr(event, "anchor", None)
+            if anchor and not isinstance(event, yaml.AliasEvent):
+                anchors[anchor] = value
+            if stack:
+                _add(stack[-1], value, line)
+            else:
+                document = value
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                stack.append((value, [_NO_KEY, 0]))
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            stack.pop()
+        elif isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise YamlProblem(line, "only one YAML document is allowed")
+    return document
+
+
+def _value(event: yaml.Event, line: int, anchors: dict[str, Any], *, depth: int) -> Any:
+    if isinstance(event, yaml.AliasEvent):
+        if event.anchor not in anchors:
+            raise YamlProblem(line, f"unknown alias {event.anchor!r}")
+        return anchors[event.anchor]
+    if isinstance(event, yaml.ScalarEvent):
+        return _scalar(event, line)
+    assert isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent)
+    default = _MAP_TAG if isinstance(event, yaml.MappingStartEvent) else _SEQ_TAG
+    if event.tag not in (None, "!", default):
+        raise YamlProblem(line, f"unsupported tag {event.tag!r}")
+    if depth >= _MAX_DEPTH:
         raise YamlProblem(line, "nested too deeply")
-    if isinstance(node, yaml.ScalarNode):
-        return _scalar(node, line)
-    if isinstance(node, yaml.SequenceNode):
-        _check_tag(node, "tag:yaml.org,2002:seq", line)
-        seq = LineSeq(_construct(item, depth + 1) for item in node.value)
-        seq.line = line
-        seq.item_lines = [item.start_mark.line + 1 for item in node.value]
-        return seq
-    if isinstance(node, yaml.MappingNode):
-        _check_tag(node, "tag:yaml.org,2002:map", line)
+    if isinstance(event, yaml.MappingStartEvent):
         mapping = LineMap()
-        mapping.line = line
-        mapping.key_lines = {}
-        for key_node, value_node in node.value:
-            key = _construct(key_node, depth + 1)
-            key_line = key_node.start_mark.line + 1
-            if isinstance(key, LineMap | LineSeq):
-                raise YamlProblem(key_line, "a mapping key must be a scalar")
-            if key in mapping:
-                raise YamlProblem(key_line, f"duplicate key {key!r} (first on line {mapping.key_lines[key]})")
-            mapping[key] = _construct(value_node, depth + 1)
-            mapping.key_lines[key] = key_line
+        mapping.line, mapping.key_lines = line, {}
         return mapping
-    raise YamlProblem(line, "unsupported YAML node")  # pragma: no cover
+    seq = LineSeq()
+    seq.line, seq.item_lines = line, []
+    return seq
 
 
-def _check_tag(node: yaml.Node, default: str, line: int) -> None:
-    if node.tag != default:
-        raise YamlProblem(line, f"unsupported tag {node.tag!r}")
+def _add(top: tuple[LineMap | LineSeq, list[Any]], value: Any, line: int) -> None:
+    container, pending = top
+    if isinstance(container, LineSeq):
+        container.append(value)
+        container.item_lines.append(line)
+        return
+    if pending[0] is _NO_KEY:
+        if isinstance(value, LineMap | LineSeq):
+            raise YamlProblem(line, "a mapping key must be a scalar")
+        if value in container:
+            raise YamlProblem(line, f"duplicate key {value!r} (first on line {container.key_lines[value]})")
+        pending[0], pending[1] = value, line
+        return
+    container[pending[0]] = value
+    container.key_lines[pending[0]] = pending[1]
+    pending[0] = _NO_KEY
 
 
-def _scalar(node: yaml.ScalarNode, line: int) -> Any:
-    value: str = node.value
-    if node.style in ("'", '"', "|", ">"):
+def _scalar(event: yaml.ScalarEvent, line: int) -> Any:
+    value: str = event.value
+    if event.style in ("'", '"', "|", ">"):
+        if event.tag not in (None, "!", _STR_TAG):
+            raise YamlProblem(line, f"unsupported tag {event.tag!r}")
         return value
-    if node.tag not in _PLAIN_TAGS:
-        raise YamlProblem(line, f"unsupported tag {node.tag!r}")
+    if event.tag is not None and event.tag not in _PLAIN_TAGS:
+        raise YamlProblem(line, f"unsupported tag {event.tag!r}")
+    if event.tag == _STR_TAG:
+        return value  # an explicit `!!str`: the text stays text
     if value and value[0] not in _MAYBE_NOT_TEXT:
         return value  # the common case (names, hosts, tiers): no other type starts this way
     if value in _NULL:

@@ -51,7 +51,11 @@ def read_policy(path: Path | None) -> RuleSet:
     paused = gc.isenabled()
     gc.disable()
     try:
-        return load_rules(text, file=name)
+        rules = load_rules(text, file=name)
+        # The new rules live until the next reload: moved out of the collector's reach now, they are
+        # not walked (on the event loop's thread, whichever allocates next) when it runs again.
+        gc.freeze()
+        return rules
     finally:
         if paused:
             gc.enable()

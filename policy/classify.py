@@ -101,15 +101,46 @@ def _pairs_to_map(text: str) -> dict[str, str | int]:
     return values
 
 
+AMBIGUOUS_PARAMETER = "request.ambiguous_parameter"
+_ALL_KEYS = "*"
+
+
 class _WhenInputs:
     """What `when` expressions read about one request, each value built at most once."""
 
-    __slots__ = ("_agent", "_request", "_values")
+    __slots__ = ("_agent", "_duplicates", "_request", "_values")
 
     def __init__(self, request: Request, agent: str) -> None:
         self._request = request
         self._agent = agent
         self._values: dict[str, Any] = {}
+        self._duplicates: dict[str, frozenset[str]] = {}
+
+    def ambiguous_read(self, rule: Rule) -> tuple[str, str] | None:
+        """(field, key) when `rule`'s `when` reads a key the request gives twice; upstream parsers
+        disagree on which value counts, so no value is picked."""
+        if rule.when_inputs is None:
+            wanted: dict[str, frozenset[str] | None] = dict.fromkeys(_KEYED, None)
+        else:
+            wanted = {name: keys for name, keys in rule.when_keys.items() if name in rule.when_inputs}
+            for name in _KEYED:  # a field read without a visible key (e.g. handed whole) reads all keys
+                if name in rule.when_inputs and name not in wanted:
+                    wanted[name] = None
+        for name, keys in wanted.items():
+            duplicated = self._duplicated(name)
+            if not duplicated:
+                continue
+            if _ALL_KEYS in duplicated:
+                return name, next(iter(keys)) if keys else _ALL_KEYS
+            hit = duplicated if keys is None else duplicated & keys
+            if hit:
+                return name, min(hit)
+        return None
+
+    def _duplicated(self, name: str) -> frozenset[str]:
+        if name not in self._duplicates:
+            self._duplicates[name] = _duplicate_keys(self._request, name)
+        return self._duplicates[name]
 
     def context(self, wanted: frozenset[str] | None) -> dict[str, Any]:
         """The CEL variables for a `when` that reads `wanted` (None: everything)."""
@@ -126,6 +157,47 @@ class _WhenInputs:
         if name not in self._values:
             self._values[name] = _request_field(self._request, name)
         return self._values[name]
+
+
+_KEYED = ("query", "form", "headers", "json")
+
+
+def _duplicate_keys(request: Request, name: str) -> frozenset[str]:
+    """Keys of a keyed field given more than once ("*" for a JSON body with a duplicate anywhere)."""
+    if name == "headers":
+        return _twice(key for key, _ in request.headers)
+    if name == "query":
+        return _twice(key for key, _ in parse_qsl(request.query, keep_blank_values=True))
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if not request.body or len(request.body) > _MAX_PARSED_BODY:
+        return frozenset()
+    if name == "form":
+        if content_type != "application/x-www-form-urlencoded":
+            return frozenset()
+        pairs = parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
+        return _twice(key for key, _ in pairs)
+    if not (content_type == "application/json" or content_type.endswith("+json")):
+        return frozenset()
+    seen_twice: list[bool] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({key for key, _ in pairs}) != len(pairs):
+            seen_twice.append(True)
+        return dict(pairs)
+
+    try:
+        json.loads(request.body, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return frozenset()
+    return frozenset({_ALL_KEYS}) if seen_twice else frozenset()
+
+
+def _twice(keys: Iterable[str]) -> frozenset[str]:
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for key in keys:
+        (twice if key in seen else seen).add(key)
+    return frozenset(twice)
 
 
 def _request_field(request: Request, name: str) -> Any:
@@ -191,6 +263,9 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
         if rule.when_program is not None:
             if inputs is None:
                 inputs = _WhenInputs(request, agent)
+            ambiguous = inputs.ambiguous_read(rule)
+            if ambiguous is not None:
+                return _ambiguous(rule, request, captured, *ambiguous)
             outcome, why = _evaluate(rule, inputs)
             if outcome is False:
                 continue
@@ -216,6 +291,18 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
         rule=None,
         reason_code="policy.default_tier",
         reason="no rule matched; default_tier applies",
+    )
+
+
+def _ambiguous(rule: Rule, request: Request, captured: dict[str, str], name: str, key: str) -> Classification:
+    shown = "a key" if key == _ALL_KEYS else f"{key!r}"
+    return Classification(
+        intent=_intent(rule, request, captured),
+        tier=Tier.DENY,
+        rule=rule,
+        reason_code=AMBIGUOUS_PARAMETER,
+        reason=f"rule {rule.id!r} reads request.{name} {shown}, which the request gives more than once; "
+        "upstreams disagree on which value counts, so none is picked",
     )
 
 

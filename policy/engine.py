@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from policy.addresses import is_internal, parse_ip
-from policy.classify import Classification, classify
+from policy.classify import AMBIGUOUS_PARAMETER, Classification, classify
 from policy.model import Decision, Intent, Request, Tier, Verdict
 from policy.normalize import AmbiguousRequest
 from policy.rules import RuleSet
@@ -49,6 +51,7 @@ def refuse_malformed(problem: AmbiguousRequest, *, rules: RuleSet) -> Decision:
 
 
 INTERNAL_DESTINATION = "destination.internal"
+AMBIGUOUS_METHOD = "request.ambiguous_method"
 
 
 def internal_destination_reason(request: Request, rules: RuleSet) -> str | None:
@@ -97,6 +100,22 @@ def _decide(
     issuer: str,
 ) -> Decision:
     found = classify(request, rules, agent=agent)
+    if request.wire_method is not None and request.wire_method != request.method:
+        # An override header: the upstream runs the named method, or the sent one if it ignores the
+        # header. Only POST is overridden (as frameworks do), and never to a method the policy treats
+        # as less risky than the one sent: a decision must hold whichever one the upstream runs.
+        sent = classify(replace(request, method=request.wire_method, wire_method=None), rules, agent=agent)
+        if request.wire_method != "POST" or sent.tier.rank > found.tier.rank:
+            return _decision(
+                found,
+                rules,
+                Verdict.BAD_REQUEST,
+                AMBIGUOUS_METHOD,
+                f"{request.wire_method} with a method-override header naming {request.method}: the upstream "
+                "may run either; send the method itself",
+            )
+    if found.reason_code == AMBIGUOUS_PARAMETER:
+        return _decision(found, rules, Verdict.BAD_REQUEST, AMBIGUOUS_PARAMETER, found.reason)
     if found.tier is Tier.DENY:
         return _decision(
             found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"

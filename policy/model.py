@@ -77,6 +77,8 @@ class Request:
     body: bytes = b""
     body_sha256: str = field(default="")
     address: str | None = None
+    # The method on the wire when a method-override header names another (then `method` is the named one).
+    wire_method: str | None = None
 
     def __post_init__(self) -> None:
         if not self.body_sha256:

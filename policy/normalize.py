@@ -373,3 +373,21 @@ def hop_by_hop_names(headers: Iterable[tuple[str, str]], *, keep: frozenset[str]
             names.update(token.strip().lower() for token in value.split(",") if token.strip())
     names -= {"transfer-encoding", "content-length", "host"}
     return names - keep
+
+
+# Frameworks with method-override middleware run the method these name instead of the one sent.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+def overridden_method(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The method the override headers name (None without them); disagreeing ones are refused."""
+    named = {
+        normalize_method(value.strip())
+        for name, value in headers
+        if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip()
+    }
+    if len(named) > 1:
+        raise AmbiguousRequest(
+            "request.ambiguous_method", f"method-override headers name {len(named)} different methods"
+        )
+    return next(iter(named)) if named else None

@@ -116,6 +116,8 @@ class Rule:
     when: str | None
     when_program: Any = field(default=None, compare=False, repr=False)
     when_inputs: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    # keyed field → the keys the `when` reads (None: all of them); a key given twice is never guessed
+    when_keys: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False, repr=False)
     action: str
     target: str
     tier: Tier
@@ -354,6 +356,7 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         when=when,
         when_program=program,
         when_inputs=None if when is None else cel_inputs(when),
+        when_keys={} if when is None else cel_key_reads(when),
         action=str(action),
         target=target,
         tier=tier,
@@ -507,6 +510,29 @@ def cel_inputs(source: str) -> frozenset[str] | None:
             return None
         inputs.add(member.group(1))
     return frozenset(inputs)
+
+
+_KEYED_FIELDS = ("query", "form", "headers", "json")
+_KEY_READ = re.compile(
+    r"""(?<![\w.])request\s*\.\s*(query|form|headers|json)(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)|\s*\[\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\])?"""
+)
+
+
+def cel_key_reads(source: str) -> dict[str, frozenset[str] | None]:
+    """For each keyed `request` field (query, form, headers, json) a `when` mentions: the keys it reads
+    (`request.form.amount`, `request.headers["x-env"]`), or None when it reads the map another way
+    (`'a' in request.form`, `size(request.query)`, iterating) — then every key counts as read."""
+    reads: dict[str, set[str] | None] = {}
+    for found in _KEY_READ.finditer(source):
+        field_name = found.group(1)
+        key = found.group(2) or found.group(3) or found.group(4)
+        if key is None:
+            reads[field_name] = None
+        elif reads.get(field_name, set()) is not None:
+            known = reads.setdefault(field_name, set())
+            assert known is not None
+            known.add(key.lower() if field_name == "headers" else key)
+    return {name: (None if keys is None else frozenset(keys)) for name, keys in reads.items()}
 
 
 def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> RateLimit | None:

@@ -28,6 +28,8 @@ from policy.normalize import (
     build_request,
     hop_by_hop_names,
     normalize_host,
+    normalize_method,
+    overridden_method,
     parse_authority,
 )
 from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
@@ -174,7 +176,7 @@ class EnforcementAddon:
                 request, warrant = self._adapt(flow, body=b"")
             except AmbiguousRequest:
                 return  # refused with its audit record in the request hook, once the body is in
-            needs_body = body_needed(
+            needs_body = (_announces_body(flow.request) and request.method == "GET") or body_needed(
                 request, self.sidecar.rules, agent=self.sidecar.settings.agent_id, warrant=warrant is not None
             )
             if needs_body:
@@ -205,6 +207,9 @@ class EnforcementAddon:
                 "request.bad_framing",
                 "transfer codings other than chunked are not relayed",
             )
+        if flow.request.method.upper() == "HEAD" and _announces_body(flow.request):
+            # Some upstreams ignore a body on HEAD and read it as the next request (a desync).
+            return _Refusal(400, "bad_request", "request.body_on_head", "a HEAD request cannot carry a body")
         if any(self.sidecar.instance in value for value in headers.get_all("via")):
             return _Refusal(508, "denied", LOOP, "the request already passed through this sidecar (Via)")
         keep: frozenset[str] = frozenset()
@@ -288,6 +293,11 @@ class EnforcementAddon:
             log.exception("could not record a refused request")
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.request.trailers:
+            # Trailer fields arrive after the decision and would be sent after this hook unclassified
+            # (a Vienna-Warrant or method override among them): they are dropped, never forwarded.
+            flow.metadata["vienna.trailers_dropped"] = len(flow.request.trailers)
+            flow.request.trailers = None
         exchange: Exchange | None = flow.metadata.get(_EXCHANGE)
         if exchange is not None:
             exchange.request_sent()  # a streamed body has gone upstream; now the response timeout runs
@@ -474,10 +484,12 @@ class EnforcementAddon:
         """Hand the request to mitmproxy exactly as classified, to the checked address only."""
         assert request.address is not None
         data = flow.request.data
-        data.method = request.method.encode()
+        data.method = (request.wire_method or request.method).encode()  # an override header stays as sent
         data.host = request.host  # the name (for SNI and Host); the connection goes to the pinned address
         data.port = request.port
         data.path = (request.path + (f"?{request.query}" if request.query else "")).encode()
+        if not (flow.request.is_http2 or flow.request.is_http3):
+            data.authority = b""  # origin-form upstream: the destination is Host (and the pinned address)
         headers = flow.request.headers
         headers.pop(WARRANT_HEADER, None)
         flow.request.host_header = request.authority  # the name as classified (127.1 goes up as 127.0.0.1)
@@ -577,6 +589,19 @@ class EnforcementAddon:
             host_headers = [*host_headers, data.authority]
         if len(host_headers) > 1:
             raise AmbiguousRequest("request.host_mismatch", "more than one Host header")
+        if not (data.is_http2 or data.is_http3) and data.authority:
+            # An absolute-form target inside a tunnel (or in transparent mode): mitmproxy keeps it, and
+            # upstreams route by it rather than by Host, so it must name the destination decided on.
+            target = parse_authority(data.authority, scheme)
+            if self.sidecar.settings.mode == "transparent":
+                expected = parse_authority(host_headers[0], scheme) if host_headers else None
+            else:
+                expected = (normalize_host(data.host), data.port)
+            if target != expected:
+                raise AmbiguousRequest(
+                    "request.host_mismatch",
+                    f"request target {data.authority!r} disagrees with the destination {data.host}:{data.port}",
+                )
         header_authority = parse_authority(host_headers[0], scheme) if host_headers else None
         sni = flow.client_conn.sni if flow.client_conn.tls else None
         if self.sidecar.settings.mode == "transparent":
@@ -603,8 +628,9 @@ class EnforcementAddon:
         if len(warrants) > 1:
             raise AmbiguousRequest("request.duplicate_warrant", "more than one Vienna-Warrant header")
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in data.headers.fields]
+        override = overridden_method(headers)
         request = build_request(
-            method=data.method,
+            method=override or data.method,
             scheme=scheme,
             host=host,
             port=port,
@@ -612,6 +638,8 @@ class EnforcementAddon:
             headers=headers,
             body=body,
         )
+        if override is not None:
+            request = replace(request, wire_method=normalize_method(data.method))
         return request, (warrants[0].strip() if warrants else None)
 
     async def _resolve(self, request: Request) -> str:
@@ -812,6 +840,17 @@ class EnforcementAddon:
         return plain_error(
             refusal.status, refusal.error, refusal.code, refusal.reason, decision_id=decision_id
         )
+
+
+def _announces_body(request: http.Request) -> bool:
+    lengths = request.headers.get_all("content-length")
+    if any(value.strip() not in ("", "0") for value in lengths):
+        return True
+    return bool(request.headers.get_all("transfer-encoding")) or (
+        (request.is_http2 or request.is_http3)
+        and not lengths
+        and request.method.upper() not in ("GET", "HEAD")
+    )
 
 
 def _transfer_codings(request: http.Request) -> list[str]:

@@ -52,7 +52,14 @@ class OwnListeners:
     """
 
     def __init__(self, listeners: Iterable[tuple[str, int]]) -> None:
-        self._listeners = [(_canonical(host), port) for host, port in listeners]
+        self._listeners: list[tuple[str, int]] = []
+        for host, port in listeners:
+            self._listeners.append((_canonical(host), port))
+            if parse_ip(host.strip("[]")) is None and host not in _WILDCARDS:
+                # A listener given by name (`--api localhost:9090`) answers on what the name resolves to.
+                with contextlib.suppress(OSError):
+                    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+                        self._listeners.append((_canonical(str(info[4][0])), port))
         self._local: dict[str, bool] = {}
 
     def is_own(self, address: str, port: int) -> bool:

@@ -11,6 +11,7 @@ from mitmproxy import http
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import DropStream, HttpLayer, HttpStream, SendHttp, _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
     RequestProtocolError,
@@ -170,6 +171,25 @@ def _handle_protocol_error(
     yield from _original_protocol_error(self, event)
 
 
+_original_read_body = _http1.Http1Connection.read_body
+
+
+def _read_body_dropping_trailers(
+    self: _http1.Http1Connection, event: events.Event
+) -> layer.CommandGenerator[None]:
+    """HTTP/1 trailer fields end a chunked body in mitmproxy with NotImplementedError (the connection
+    dropped, no answer). The message ends where its trailers begin: they are dropped, never relayed
+    (a trailer the policy never saw must not reach the upstream either)."""
+    try:
+        yield from _original_read_body(self, event)
+    except NotImplementedError:
+        assert self.request is not None and self.stream_id is not None
+        if self.request.data.method.upper() != b"CONNECT":
+            yield ReceiveHttp(self.ReceiveEndOfMessage(self.stream_id))
+        is_request = isinstance(self, _http1.Http1Server)
+        yield from self.mark_done(request=is_request, response=not is_request)
+
+
 _original_protocol_error = HttpStream.handle_protocol_error
 _original_check_body_size = HttpStream.check_body_size
 
@@ -217,3 +237,4 @@ def install() -> None:
     HttpLayer._handle_event = _layer_handle_event  # type: ignore[method-assign]
     HttpStream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
     HttpStream.check_body_size = _check_request_body_size  # type: ignore[method-assign]
+    _http1.Http1Connection.read_body = _read_body_dropping_trailers  # type: ignore[method-assign]

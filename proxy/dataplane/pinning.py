@@ -38,6 +38,13 @@ class AddressPins:
         self._pins.pop(client.id, None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            self._server_connect(data)
+        except Exception:  # mitmproxy would connect to the name, with its own lookup: refuse instead
+            log.exception("pinning failed; refusing the connection")
+            data.server.error = "vienna: internal error while pinning; refused"
+
+    def _server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
         if server.error or server.address is None:
             return
@@ -59,7 +66,9 @@ class AddressPins:
         # Connected to the number; the name comes back so that later requests reuse this connection.
         name = self._names.pop(data.server.id, None)
         if name is not None:
-            data.server.address = name
+            # mitmproxy refuses to change the address of an open connection (Server.__setattr__); this
+            # is the name the connection was opened for, which its reuse is matched on.
+            object.__setattr__(data.server, "address", name)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._names.pop(data.server.id, None)

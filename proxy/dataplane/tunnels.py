@@ -54,6 +54,18 @@ class Tunnels:
         assert target.address is not None
         decision_id = "d_" + secrets.token_hex(8)
         forwarded = rule.tier is not Tier.DENY
+        if forwarded and self.sidecar.settings.upstream_proxy:
+            from proxy.answers import plain_error
+
+            # A raw tunnel would go around the upstream proxy (mitmproxy tunnels only HTTP through one).
+            flow.response = plain_error(
+                403,
+                "denied",
+                "request.passthrough_unavailable",
+                "passthrough tunnels are not available with --upstream-proxy",
+                decision_id=decision_id,
+            )
+            return
         self._record(
             "decision",
             {
@@ -102,7 +114,12 @@ class Tunnels:
         data: bytes = nextlayer.data_client()  # type: ignore[no-untyped-call]
         client = nextlayer.context.client
         problem: str | None = None
-        if data[:1] == b"\x16":  # a TLS handshake record: its server name must be the CONNECT host
+        if not data:
+            nextlayer.layer = None  # the client speaks first in TLS: wait for its ClientHello
+            return True
+        if data[:1] != b"\x16":
+            problem = "a passthrough tunnel carries TLS only; the client did not start with a ClientHello"
+        else:  # a TLS handshake record: its server name must be the CONNECT host
             try:
                 hello = parse_client_hello(data)
             except ValueError:

@@ -108,7 +108,14 @@ class StreamingUpstream(BackgroundServer):
         if path.startswith("/quiet"):
             await asyncio.sleep(float(request.query.get("seconds", "5")))
             return web.Response(text="late")
-        return web.Response(text="ok " + path, headers={"X-Via-Seen": request.headers.get("Via", "")})
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        return web.Response(
+            text="ok " + path,
+            headers={
+                "X-Via-Seen": request.headers.get("Via", ""),
+                "X-Peer-Port": str(peer[1] if peer else ""),
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -514,3 +521,41 @@ def test_a_clients_connection_close_is_honoured_after_a_streamed_answer(
             received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and len(body) == 100000
+
+
+def test_keep_alive_requests_reuse_one_upstream_connection(
+    v2: Sidecar, streaming_upstream: StreamingUpstream
+) -> None:
+    ports = {
+        v2.request("GET", f"http://127.0.0.1:{streaming_upstream.port}/reuse-{i}").headers["X-Peer-Port"]
+        for i in range(4)
+    }
+    assert len(ports) == 1, ports  # pinned to the checked address, and still pooled by name
+
+
+def test_passthrough_that_does_not_start_with_tls_is_not_relayed(v2: Sidecar, tls_echo: TlsEcho) -> None:
+    with socket.create_connection(("127.0.0.1", v2.proxy_port), timeout=10) as raw:
+        raw.sendall(
+            f"CONNECT localhost:{tls_echo.port} HTTP/1.1\r\nHost: localhost:{tls_echo.port}\r\n\r\n".encode()
+        )
+        assert raw.recv(1000).startswith(b"HTTP/1.1 200")
+        raw.sendall(b"GET /anything HTTP/1.1\r\nHost: evil\r\n\r\n")
+        raw.settimeout(5)
+        try:
+            answer = raw.recv(1000)
+        except OSError:
+            answer = b""
+    assert b"pinned!!" not in answer
+
+
+def test_a_listener_given_by_name_is_still_a_loop(
+    tmp_path: Path, streaming_upstream: StreamingUpstream
+) -> None:
+    sidecar = Sidecar(tmp_path, policy=POLICY.replace("PASSPORT", "1"))
+    sidecar.args = ["--api", f"localhost:{sidecar.api_port}"]
+    sidecar.start()
+    try:
+        response = sidecar.request("GET", f"http://127.0.0.1:{sidecar.api_port}/healthz")
+        assert (response.status_code, response.json()["reason_code"]) == (508, "request.loop")
+    finally:
+        sidecar.stop()

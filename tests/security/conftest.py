@@ -19,6 +19,7 @@ FAMILIES: dict[str, str] = {
     "test_smuggling": "request smuggling",
     "test_warrant_forgery": "warrant forgery",
     "test_resource_abuse": "resource abuse",
+    "test_classified_is_forwarded": "classified = forwarded",
     "test_fuzz": "fuzzing (properties)",
 }
 _COUNTS: dict[str, FamilyCounts] = {}
@@ -38,6 +39,38 @@ rules:
     match: {hosts: ["blocked.test", "bücher.example", "169.254.169.254"]}
     action: demo.blocked
     tier: deny
+  - id: refund-large
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/refunds/**"]}
+    when: 'request.form.amount > 100000'
+    action: demo.refund
+    tier: T3
+  - id: refund
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/refunds/**"]}
+    action: demo.refund
+    tier: T1
+  - id: order-large
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/orders/**"]}
+    when: 'request.json.amount > 100'
+    action: demo.order
+    tier: T3
+  - id: order
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/orders/**"]}
+    action: demo.order
+    tier: T1
+  - id: export-large
+    match: {hosts: ["127.0.0.1"], methods: [GET], paths: ["/exports/**"]}
+    when: 'request.query.limit > 1000'
+    action: demo.export
+    tier: T3
+  - id: deploy-dry-run
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/deploy/**"]}
+    when: 'request.headers["x-dry-run"] == "true"'
+    action: demo.deploy_dry_run
+    tier: T0
+  - id: deploy
+    match: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/deploy/**"]}
+    action: demo.deploy
+    tier: T3
   - id: read
     match: {hosts: ["127.0.0.1"], methods: [GET, HEAD]}
     action: demo.read

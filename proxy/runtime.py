@@ -27,6 +27,7 @@ from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
 from proxy.control.app import make_app
 from proxy.dataplane.addon import EnforcementAddon
 from proxy.dataplane.destinations import DestinationResolver, OwnListeners, upstream_ca_bundle
+from proxy.demo import Demo, start_demo_upstream, try_every_tier
 from proxy.keys import Operators, load_audit_key, load_operators, load_warrant_keys, write_ca_bundle
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter
@@ -129,17 +130,22 @@ class Sidecar:
         return True
 
 
-def build_sidecar(settings: Settings) -> Sidecar:
+def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         settings.data_dir.chmod(0o700)
-    if settings.policy is None:
-        log.warning(
-            "no --policy given: using the built-in safe policy (reads T0, writes T2, cloud metadata denied)"
-        )
-    rules = read_policy(settings.policy)
+    if demo is not None and settings.policy is None:
+        rules = load_rules(demo.policy, file="<demo policy>")
+    else:
+        if settings.policy is None:
+            log.warning(
+                "no --policy given: using the built-in safe policy (reads T0, writes T2, cloud metadata denied)"
+            )
+        rules = read_policy(settings.policy)
     keys = load_warrant_keys(settings.warrant_key_file, settings.data_dir)
     operators = load_operators(settings.operators)
+    if demo is not None and settings.operators is None:
+        operators = demo.operators
     if not operators.names:
         log.warning("no --operators given: nobody can approve warrant requests")
     metrics = Metrics()
@@ -230,7 +236,8 @@ async def _checkpoints(sidecar: Sidecar) -> None:
 
 
 async def serve(settings: Settings) -> int:
-    sidecar = build_sidecar(settings)
+    demo = await start_demo_upstream() if settings.demo else None
+    sidecar = build_sidecar(settings, demo=demo)
     loop = asyncio.get_running_loop()
     master = Master(_mitm_options(settings), event_loop=loop)
     enforcement = EnforcementAddon(sidecar)
@@ -296,6 +303,10 @@ async def serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()  # mitmproxy's latency spikes come from the collector walking start-up objects
     background = [asyncio.create_task(_watch_policy(sidecar)), asyncio.create_task(_checkpoints(sidecar))]
+    if demo is not None:
+        proxy_url = f"http://{settings.listen_host}:{settings.listen_port}"
+        lines = await asyncio.to_thread(try_every_tier, proxy_url, settings.api_base_url, demo)
+        print("\n".join(lines), file=sys.stderr, flush=True)
     log.warning(
         "vienna sidecar ready: proxy %s:%d (%s), api %s, agent %s, policy %s (%s), enforcement %s",
         settings.listen_host,
@@ -303,7 +314,7 @@ async def serve(settings: Settings) -> int:
         settings.mode,
         settings.api_base_url,
         settings.agent_id,
-        settings.policy or BUILTIN_POLICY_NAME,
+        settings.policy or ("<demo policy>" if demo is not None else BUILTIN_POLICY_NAME),
         sidecar.rules.revision[:12],
         settings.enforcement,
     )
@@ -319,6 +330,8 @@ async def serve(settings: Settings) -> int:
     for task in background:
         task.cancel()
     await runner.cleanup()
+    if demo is not None:
+        await demo.runner.cleanup()
     with contextlib.suppress(Exception):
         if sidecar.recorder.dirty:
             sidecar.recorder.checkpoint()

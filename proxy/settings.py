@@ -45,6 +45,7 @@ class Settings:
     checkpoint_every: int
     checkpoint_seconds: float
     public_api_url: str | None
+    demo: bool = False
 
     @property
     def upstream_proxy_address(self) -> tuple[str, int] | None:
@@ -104,6 +105,11 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("checkpoint-every", "1000", "sign an audit checkpoint every N events"),
     ("checkpoint-seconds", "60", "and at least every T seconds when events were added"),
     ("public-api-url", None, "API base URL to put in passback bodies (default: from --api)"),
+    (
+        "demo",
+        "false",
+        "start a throwaway upstream on loopback, name it in the policy, try every tier once (true/false)",
+    ),
 )
 
 
@@ -111,7 +117,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     for flag, default, text in RUN_FLAGS:
         env = "VIENNA_" + flag.upper().replace("-", "_")
         shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
-        parser.add_argument(f"--{flag}", default=None, help=text + shown)
+        if flag == "demo":  # a switch: `--demo` alone means true
+            parser.add_argument(f"--{flag}", default=None, nargs="?", const="true", help=text + shown)
+        else:
+            parser.add_argument(f"--{flag}", default=None, help=text + shown)
 
 
 def parse_upstream_proxy(text: str) -> tuple[str, int]:
@@ -206,4 +215,5 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         checkpoint_every=int(_number(str(raw["checkpoint-every"]), "checkpoint-every", minimum=1)),
         checkpoint_seconds=_number(str(raw["checkpoint-seconds"]), "checkpoint-seconds", minimum=0.1),
         public_api_url=raw["public-api-url"],
+        demo=_flag_bool(str(raw["demo"]), "demo"),
     )

@@ -32,7 +32,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # so it is refused rather than ignored.
 _HEADER_KEYS = frozenset({"alg", "typ", "kid"})
 _CONSTRAINT_KEYS = frozenset(
-    {"method", "scheme", "host", "port", "path", "path_prefix", "query", "body_sha256", "max_uses"}
+    {"method", "scheme", "host", "port", "path", "path_prefix", "query", "body_sha256", "content_type", "max_uses"}
 )
 
 
@@ -78,6 +78,8 @@ class Constraints:
     query: str | None
     body_sha256: str | None
     max_uses: int = 1
+    # The body's media type as sent ("" = no Content-Type): the same bytes mean another thing as a form.
+    content_type: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -97,6 +99,7 @@ class Constraints:
             "path_prefix": self.path_prefix,
             "query": self.query,
             "body_sha256": self.body_sha256,
+            "content_type": self.content_type,
             "max_uses": self.max_uses,
         }
         return {key: value for key, value in claim.items() if value is not None}
@@ -113,8 +116,15 @@ def constraints_for(request: Request, *, bind: Bind = Bind.EXACT, max_uses: int 
         path_prefix=None,
         query=request.query if exact else None,
         body_sha256=request.body_sha256 if exact else None,
+        content_type=content_type_of(request) if exact else None,
         max_uses=max_uses,
     )
+
+
+def content_type_of(request: Request) -> str:
+    """The Content-Type as bound by a warrant: lower-case, spaces around `;` and `=` dropped."""
+    value = request.header("content-type") or ""
+    return ";".join(part.strip().replace(" ", "") for part in value.lower().split(";") if part.strip())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +283,7 @@ def _first_mismatch(con: Constraints, request: Request) -> str | None:
             con.body_sha256 is None
             or hmac.compare_digest(con.body_sha256.encode(), request.body_sha256.encode()),
         ),
+        ("content_type", con.content_type is None or con.content_type == content_type_of(request)),
     )
     return next((name for name, ok in checks if not ok), None)
 
@@ -365,6 +376,7 @@ def _parse_claims(payload: Mapping[str, object]) -> tuple[WarrantClaims, frozens
             path_prefix=_opt_str(con, "path_prefix", "con."),
             query=_opt_str(con, "query", "con."),
             body_sha256=_opt_str(con, "body_sha256", "con."),
+            content_type=_opt_str(con, "content_type", "con."),
             max_uses=_int(con, "max_uses", "con.") if "max_uses" in con else 1,
         )
     except ValueError as exc:

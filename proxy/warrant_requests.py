@@ -33,6 +33,7 @@ def canonical_request(request: Request) -> dict[str, Any]:
         "path": request.path,
         "query": request.query,
         "body_sha256": request.body_sha256,
+        "content_type": request.header("content-type"),
         "url": request.url,
     }
 
@@ -159,6 +160,7 @@ class WarrantRequests:
             path=str(request["path"]),
             query=str(request["query"]),
             body_sha256=str(request["body_sha256"] or ""),
+            headers=(("content-type", str(request["content_type"])),) if request.get("content_type") else (),
         )
         constraints = constraints_for(bound, bind=terms.bind, max_uses=terms.max_uses)
         ttl = terms.ttl_seconds

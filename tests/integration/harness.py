@@ -373,9 +373,10 @@ class Sidecar:
         data: bytes | None = None,
         approvers: Sequence[str] = ("alice",),
         verify: str | bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """The passback a request gets, approved by `approvers`: the warrant for exactly that request."""
-        refused = self.request(method, url, data=data, verify=verify)
+        refused = self.request(method, url, data=data, verify=verify, headers=headers)
         assert refused.status_code == 403, refused.text
         request_id = refused.json()["warrant_request"]["id"]
         for who in approvers:

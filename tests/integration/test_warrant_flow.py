@@ -205,7 +205,10 @@ async def test_twenty_concurrent_retries_with_one_warrant_reach_the_upstream_max
 ) -> None:
     path = path_prefix + unique("race")
     url = upstream.url(path)
-    warrant = sidecar.obtain_warrant("POST", url, data=BODY)
+    # aiohttp labels a bytes body application/octet-stream; the warrant binds the Content-Type too
+    warrant = sidecar.obtain_warrant(
+        "POST", url, data=BODY, headers={"Content-Type": "application/octet-stream"}
+    )
 
     async with aiohttp.ClientSession() as session:
 
@@ -328,3 +331,19 @@ def test_https_t3_gets_the_passback_inside_the_tunnel(
     passback = assert_refused(refused, 403, "warrant_required", "warrant.required")
     assert (passback["tier"], passback["warrant_request"]["approvals_required"]) == ("T3", 2)
     assert tls_upstream.seen(path) == []
+
+
+def test_a_warrant_binds_the_content_type_of_the_body(sidecar: Sidecar, upstream: Upstream) -> None:
+    path = "/items/" + unique("content-type")
+    url = upstream.url(path)
+    body = b"amount=500000"
+    warrant = sidecar.obtain_warrant("PUT", url, data=body, headers={"Content-Type": "text/plain"})
+    as_form = sidecar.request(
+        "PUT", url, data=body, warrant=warrant, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert (as_form.status_code, as_form.json()["reason_code"]) == (403, "warrant.mismatch.content_type")
+    assert upstream.seen(path) == []
+    as_approved = sidecar.request(
+        "PUT", url, data=body, warrant=warrant, headers={"Content-Type": "text/plain"}
+    )
+    assert as_approved.status_code == 200

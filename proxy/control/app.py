@@ -15,6 +15,7 @@ from policy.approvals import ApprovalError
 from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body
+from proxy.control.auth import AuthThrottle, authenticate
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import canonical_request, constraints_preview
 
@@ -26,9 +27,13 @@ CA_CERT: web.AppKey[Path] = web.AppKey("ca_cert")
 _MAX_JSON = 1 << 20
 
 
-def _error(status: int, error: str, reason: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="vienna"'} if status == 401 else None
-    return web.json_response({"error": error, "reason": reason, **extra}, status=status, headers=headers)
+def _error(
+    status: int, error: str, reason: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    all_headers = dict(headers or {})
+    if status == 401:
+        all_headers["WWW-Authenticate"] = 'Bearer realm="vienna"'
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status, headers=all_headers)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -50,12 +55,11 @@ class _BadRequest(Exception):
     pass
 
 
-def _operator(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return request.app[SIDECAR].operators.authenticate(token.strip())
+THROTTLE: web.AppKey[AuthThrottle] = web.AppKey("auth_throttle")
+
+
+def _operator(request: web.Request) -> str | web.Response:
+    return authenticate(request, request.app[THROTTLE], request.app[SIDECAR])
 
 
 @web.middleware
@@ -229,8 +233,9 @@ async def get_warrant_request(request: web.Request) -> web.Response:
 
 async def list_warrant_requests(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
-    if _operator(request) is None:
-        return _error(401, "unauthorized", "an operator bearer token is required")
+    who = _operator(request)
+    if isinstance(who, web.Response):
+        return who
     status = request.query.get("status")
     if status is not None and status not in ("pending", "approved", "denied", "expired"):
         raise _BadRequest("status must be pending, approved, denied or expired")
@@ -242,8 +247,8 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
 async def _vote(request: web.Request, approve: bool) -> web.Response:
     sidecar = request.app[SIDECAR]
     operator = _operator(request)
-    if operator is None:
-        return _error(401, "unauthorized", "an operator bearer token is required")
+    if isinstance(operator, web.Response):
+        return operator
     body = await _json_body(request)
     justification = body.get("justification", "")
     if not isinstance(justification, str):
@@ -271,8 +276,9 @@ async def deny(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
-    if _operator(request) is None:
-        return _error(401, "unauthorized", "an operator bearer token is required")
+    who = _operator(request)
+    if isinstance(who, web.Response):
+        return who
     try:
         after = int(request.query.get("after", "0"))
         limit = int(request.query.get("limit", "100"))
@@ -288,6 +294,7 @@ async def audit(request: web.Request) -> web.Response:
 def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=_MAX_JSON)
     app[SIDECAR] = sidecar
+    app[THROTTLE] = AuthThrottle()
     app[CA_CERT] = ca_cert
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

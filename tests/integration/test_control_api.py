@@ -5,8 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from pathlib import Path
 
-from tests.integration.harness import TOKENS, Sidecar, Upstream, assert_refused, clean_env, unique
+from tests.integration.harness import (
+    TOKENS,
+    Sidecar,
+    Upstream,
+    assert_refused,
+    clean_env,
+    running_sidecar,
+    unique,
+)
 from tests.vienna_process import VIENNA
 
 
@@ -181,3 +190,32 @@ def test_cli_refusals_exit_nonzero(sidecar: Sidecar, upstream: Upstream) -> None
 
     no_token = vienna("approvals", "list", *api)
     assert no_token.returncode == 2
+
+
+def test_wrong_operator_tokens_are_throttled_per_client_and_audited(tmp_path: Path) -> None:
+
+    with running_sidecar(tmp_path) as fresh:
+        missing = fresh.api("GET", "/v1/warrant-requests?status=pending")
+        assert (missing.status_code, missing.json()["reason"]) == (
+            401,
+            "an operator bearer token is required",
+        )
+        answers = [
+            fresh.api("GET", "/v1/warrant-requests?status=pending", token=f"guess-{i}") for i in range(12)
+        ]
+        statuses = [answer.status_code for answer in answers]
+        assert statuses[:9] == [401] * 9, statuses  # the missing one counted too: 10 failures allowed
+        assert answers[0].json()["reason"] == "token not recognised"
+        assert statuses[-1] == 429 and int(answers[-1].headers["Retry-After"]) >= 1
+        assert answers[-1].json()["reason_code"] == "auth.throttled"
+        # throttled: even the right token waits, so guessing cannot go on at full speed
+        assert fresh.api("GET", "/v1/warrant-requests", token=TOKENS["alice"]).status_code == 429
+    events = [
+        json.loads(line)
+        for line in fresh.log_text().splitlines()
+        if line.startswith("{") and '"authentication_failed"' in line
+    ]
+    assert len(events) >= 10 and {e["payload"]["reason_code"] for e in events} == {
+        "auth.missing",
+        "auth.unrecognised",
+    }

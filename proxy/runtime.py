@@ -169,6 +169,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         rules=lambda: holder["sidecar"].rules,
         api_base_url=settings.api_base_url,
         pending_ttl=settings.pending_ttl,
+        max_pending=settings.max_pending_requests,
     )
     sidecar = Sidecar(
         settings=settings,

@@ -38,6 +38,7 @@ class Settings:
     connect_timeout: float
     upstream_proxy: str | None
     pending_ttl: float
+    max_pending_requests: int
     ca_bundle_out: Path | None
     audit_key_file: Path | None
     audit_stdout: bool
@@ -94,6 +95,11 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("connect-timeout", "10", "seconds to wait for an upstream connection; then 504"),
     ("upstream-proxy", None, "forward through this HTTP proxy (http://HOST:PORT; CONNECT for every request)"),
     ("pending-ttl", "3600", "seconds a warrant request stays pending before it expires"),
+    (
+        "max-pending-requests",
+        "100",
+        "pending warrant requests one agent may have; beyond: 429 warrant_request.limit (0: no limit)",
+    ),
     ("ca-bundle-out", None, "write system CAs + the interception CA here at start-up (for the agent)"),
     ("audit-key-file", None, "HMAC key for signed audit checkpoints (default: generated in the data dir)"),
     (
@@ -208,6 +214,9 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         upstream_proxy=raw["upstream-proxy"],
         connect_timeout=_number(str(raw["connect-timeout"]), "connect-timeout", minimum=0.01),
         pending_ttl=_number(str(raw["pending-ttl"]), "pending-ttl", minimum=1),
+        max_pending_requests=int(
+            _number(str(raw["max-pending-requests"]), "max-pending-requests", minimum=0)
+        ),
         ca_bundle_out=path("ca-bundle-out"),
         audit_key_file=path("audit-key-file"),
         audit_stdout=_flag_bool(str(raw["audit-stdout"]), "audit-stdout"),

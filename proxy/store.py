@@ -246,20 +246,25 @@ class Store:
         row = self._state.execute("SELECT * FROM warrant_requests WHERE id = ?", (request_id,)).fetchone()
         return _row_to_request(row) if row else None
 
-    def list_requests(self, status: str | None, now: float, limit: int = 500) -> list[StoredRequest]:
-        # "expired" is derived (pending past its deadline), so filter in SQL where that is exact.
-        params: tuple[object, ...]
-        if status == "pending":
-            sql, params = "WHERE status = 'pending' AND expires_at > ?", (now,)
-        elif status == "expired":
-            sql, params = "WHERE status = 'expired' OR (status = 'pending' AND expires_at <= ?)", (now,)
-        elif status is not None:
-            sql, params = "WHERE status = ?", (status,)
-        else:
-            sql, params = "", ()
+    def count_requests(self, status: str | None, now: float) -> int:
+        sql, params = _status_filter(status, now)
+        row = self._state.execute(f"SELECT COUNT(*) FROM warrant_requests {sql}", params).fetchone()  # noqa: S608 -- fixed fragments
+        return int(row[0])
+
+    def count_pending_for(self, agent: str, now: float) -> int:
+        row = self._state.execute(
+            "SELECT COUNT(*) FROM warrant_requests WHERE status = 'pending' AND expires_at > ? AND agent = ?",
+            (now, agent),
+        ).fetchone()
+        return int(row[0])
+
+    def list_requests(
+        self, status: str | None, now: float, limit: int = 500, offset: int = 0
+    ) -> list[StoredRequest]:
+        sql, params = _status_filter(status, now)
         rows = self._state.execute(
-            f"SELECT * FROM warrant_requests {sql} ORDER BY created_at DESC LIMIT ?",  # noqa: S608 -- fixed fragments
-            (*params, limit),
+            f"SELECT * FROM warrant_requests {sql} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",  # noqa: S608 -- fixed fragments
+            (*params, limit, offset),
         ).fetchall()
         return [_row_to_request(row) for row in rows]
 
@@ -350,6 +355,17 @@ def _vote_to_dict(vote: Vote) -> dict[str, object]:
         "justification": vote.justification,
         "at": vote.at,
     }
+
+
+def _status_filter(status: str | None, now: float) -> tuple[str, tuple[object, ...]]:
+    # "expired" is derived (pending past its deadline), so filter in SQL where that is exact.
+    if status == "pending":
+        return "WHERE status = 'pending' AND expires_at > ?", (now,)
+    if status == "expired":
+        return "WHERE status = 'expired' OR (status = 'pending' AND expires_at <= ?)", (now,)
+    if status is not None:
+        return "WHERE status = ?", (status,)
+    return "", ()
 
 
 def _row_to_request(row: tuple[Any, ...]) -> StoredRequest:

@@ -19,6 +19,14 @@ from proxy.metrics import Metrics
 from proxy.store import Store, StoredRequest, with_state
 
 
+class PendingLimit(Exception):
+    """The agent already has as many pending warrant requests as allowed: a flood must not bury them."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this agent already has {limit} pending warrant requests; wait for operators")
+        self.limit = limit
+
+
 def request_fingerprint(agent: str, canonical: Mapping[str, Any]) -> str:
     text = json.dumps({"agent": agent, **canonical}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -50,6 +58,7 @@ class WarrantRequests:
         api_base_url: str,
         pending_ttl: float,
         clock: Callable[[], float] = time.time,
+        max_pending: int = 100,
     ) -> None:
         self.store = store
         self.recorder = recorder
@@ -59,6 +68,7 @@ class WarrantRequests:
         self.api_base_url = api_base_url
         self.pending_ttl = pending_ttl
         self.clock = clock
+        self.max_pending = max_pending
 
     def url(self, request_id: str) -> str:
         return f"{self.api_base_url}/v1/warrant-requests/{request_id}"
@@ -70,6 +80,8 @@ class WarrantRequests:
         existing = self.store.find_open_request(agent, fingerprint, now)
         if existing is not None:
             return existing
+        if self.max_pending and self.store.count_pending_for(agent, now) >= self.max_pending:
+            raise PendingLimit(self.max_pending)
         state = WarrantRequest(
             id="wr_" + secrets.token_urlsafe(16),
             agent=agent,
@@ -240,4 +252,4 @@ def constraints_preview(request: Request, decision: Decision, rules: RuleSet) ->
     return constraints_for(request, bind=terms.bind, max_uses=terms.max_uses).as_claim()
 
 
-__all__ = ["WarrantRequests", "canonical_request", "constraints_preview"]
+__all__ = ["PendingLimit", "WarrantRequests", "canonical_request", "constraints_preview"]

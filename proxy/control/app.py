@@ -17,7 +17,7 @@ from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.store import StoreUnavailable
-from proxy.warrant_requests import canonical_request, constraints_preview
+from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
 if TYPE_CHECKING:
     from proxy.runtime import Sidecar
@@ -177,9 +177,12 @@ async def submit_intent(request: web.Request) -> web.Response:
         if http_request is not None
         else {"action": action, "target": target, "params": params}
     )
-    stored = sidecar.warrant_requests.open(
-        agent=sidecar.settings.agent_id, decision=decision, canonical=canonical
-    )
+    try:
+        stored = sidecar.warrant_requests.open(
+            agent=sidecar.settings.agent_id, decision=decision, canonical=canonical
+        )
+    except PendingLimit as full:
+        return _error(429, "denied", str(full), reason_code="warrant_request.limit")
     summary = sidecar.warrant_requests.summary(stored)
     answer: dict[str, Any] = {
         "mode": "passback",
@@ -239,9 +242,23 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in ("pending", "approved", "denied", "expired"):
         raise _BadRequest("status must be pending, approved, denied or expired")
-    found = sidecar.store.list_requests(status, sidecar.clock())
+    try:
+        limit = int(request.query.get("limit", "500"))
+        offset = int(request.query.get("offset", "0"))
+    except ValueError:
+        raise _BadRequest("limit and offset must be integers") from None
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise _BadRequest("limit must be 1-1000 and offset >= 0")
+    now = sidecar.clock()
+    found = sidecar.store.list_requests(status, now, limit=limit, offset=offset)
+    total = sidecar.store.count_requests(status, now)
     items = [sidecar.warrant_requests.view(item, include_warrant=False) for item in found]
-    return web.json_response(items)  # §7 "list": a bare JSON array
+    # §7 "list": a bare JSON array; a longer list is paged, never cut silently
+    headers = {"X-Total-Count": str(total)}
+    if offset + len(found) < total:
+        query = {**request.query, "offset": str(offset + len(found)), "limit": str(limit)}
+        headers["Link"] = f'<{request.rel_url.with_query(query)}>; rel="next"'
+    return web.json_response(items, headers=headers)
 
 
 async def _vote(request: web.Request, approve: bool) -> web.Response:

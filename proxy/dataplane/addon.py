@@ -38,7 +38,7 @@ from proxy.dataplane.exchange import Exchange, ExchangeWatch
 from proxy.dataplane.pinning import AddressPins
 from proxy.dataplane.tunnels import Tunnels
 from proxy.store import StoreUnavailable
-from proxy.warrant_requests import canonical_request, constraints_preview
+from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
 if TYPE_CHECKING:
     from proxy.runtime import Sidecar
@@ -404,9 +404,14 @@ class EnforcementAddon:
                 extra_headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
         if decision.verdict is Verdict.WARRANT_REQUIRED and not sidecar.settings.dryrun:
             # (in dryrun the request is forwarded anyway: operators get no request to approve)
-            stored = sidecar.warrant_requests.open(
-                agent=sidecar.settings.agent_id, decision=decision, canonical=canonical_request(request)
-            )
+            try:
+                stored = sidecar.warrant_requests.open(
+                    agent=sidecar.settings.agent_id, decision=decision, canonical=canonical_request(request)
+                )
+            except PendingLimit as full:
+                limit = _Refusal(429, "denied", "warrant_request.limit", str(full))
+                self._refuse_with(flow, request, decision, decision_id, started, limit, label="rate_limited")
+                return
             warrant_request = sidecar.warrant_requests.summary(stored)
 
         if warrant is not None and decision.tier.needs_warrant:

@@ -219,3 +219,24 @@ def test_wrong_operator_tokens_are_throttled_per_client_and_audited(tmp_path: Pa
         "auth.missing",
         "auth.unrecognised",
     }
+
+
+def test_pending_requests_are_capped_per_agent_and_the_list_is_paged(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    with running_sidecar(tmp_path, args=["--max-pending-requests", "3"]) as capped:
+        marker = unique("cap")
+        answers = [capped.request("DELETE", upstream.url(f"/repos/{marker}/r{i}")) for i in range(5)]
+        assert [a.status_code for a in answers] == [403, 403, 403, 429, 429]
+        assert answers[3].json()["reason_code"] == "warrant_request.limit"
+        # the same request again reuses its pending request: not a new one, not refused
+        assert capped.request("DELETE", upstream.url(f"/repos/{marker}/r0")).status_code == 403
+        first = capped.api("GET", "/v1/warrant-requests?status=pending&limit=2", token=TOKENS["alice"])
+        assert (len(first.json()), first.headers["X-Total-Count"]) == (2, "3")
+        assert 'rel="next"' in first.headers["Link"]
+        rest = capped.api(
+            "GET", "/v1/warrant-requests?status=pending&limit=2&offset=2", token=TOKENS["alice"]
+        )
+        assert len(rest.json()) == 1 and "Link" not in rest.headers
+        ids = {item["id"] for item in first.json() + rest.json()}
+        assert len(ids) == 3

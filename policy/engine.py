@@ -23,10 +23,20 @@ def decide(
     keys: WarrantKeys | None,
     now: float,
     issuer: str = ISSUER,
+    sidecar: str | None = None,
 ) -> Decision:
     """Classify `request` and say whether it may be forwarded. Any internal failure denies."""
     try:
-        return _decide(request, rules=rules, warrant=warrant, agent=agent, keys=keys, now=now, issuer=issuer)
+        return _decide(
+            request,
+            rules=rules,
+            warrant=warrant,
+            agent=agent,
+            keys=keys,
+            now=now,
+            issuer=issuer,
+            sidecar=sidecar,
+        )
     except Exception as exc:  # the contract: an internal error never forwards
         return Decision(
             verdict=Verdict.DENIED,
@@ -98,6 +108,7 @@ def _decide(
     keys: WarrantKeys | None,
     now: float,
     issuer: str,
+    sidecar: str | None = None,
 ) -> Decision:
     found = classify(request, rules, agent=agent)
     if request.wire_method is not None and request.wire_method != request.method:
@@ -138,7 +149,14 @@ def _decide(
             found, rules, Verdict.WARRANT_INVALID, "warrant.no_keys", "no warrant key is configured"
         )
     checked = verify(
-        warrant, request, agent=agent, keys=keys, now=now, required_tier=found.tier, issuer=issuer
+        warrant,
+        request,
+        agent=agent,
+        keys=keys,
+        now=now,
+        required_tier=found.tier,
+        issuer=issuer,
+        sidecar=sidecar,
     )
     if isinstance(checked, WarrantRefused):
         return _decision(found, rules, Verdict.WARRANT_INVALID, checked.code, checked.reason)

@@ -32,7 +32,18 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # so it is refused rather than ignored.
 _HEADER_KEYS = frozenset({"alg", "typ", "kid"})
 _CONSTRAINT_KEYS = frozenset(
-    {"method", "scheme", "host", "port", "path", "path_prefix", "query", "body_sha256", "content_type", "max_uses"}
+    {
+        "method",
+        "scheme",
+        "host",
+        "port",
+        "path",
+        "path_prefix",
+        "query",
+        "body_sha256",
+        "content_type",
+        "max_uses",
+    }
 )
 
 
@@ -147,6 +158,9 @@ class WarrantClaims:
     approvals: tuple[Approval, ...]
     con: Constraints
     wrq: str | None = None
+    # The minting sidecar instance (its data dir): a warrant is used up in one single-use store only,
+    # so another sidecar sharing the agent id and key must not accept it again.
+    sid: str | None = None
 
     def as_payload(self) -> dict[str, object]:
         payload: dict[str, object] = {
@@ -165,6 +179,8 @@ class WarrantClaims:
         }
         if self.wrq is not None:
             payload["wrq"] = self.wrq
+        if self.sid is not None:
+            payload["sid"] = self.sid
         return payload
 
 
@@ -204,6 +220,7 @@ def verify(
     required_tier: Tier,
     issuer: str = ISSUER,
     leeway: int = 0,
+    sidecar: str | None = None,
 ) -> WarrantValid | WarrantRefused:
     """Check `token` for `request`; every failure is a refusal with a stable code, never an exception."""
     try:
@@ -241,6 +258,11 @@ def verify(
         return WarrantRefused("warrant.not_yet_valid", f"warrant is not yet valid (nbf {claims.nbf})")
     if claims.iss != issuer:
         return WarrantRefused("warrant.issuer", f"issuer {_shown(claims.iss)} is not {issuer!r}")
+    if claims.sid is not None and sidecar is not None and claims.sid != sidecar:
+        return WarrantRefused(
+            "warrant.wrong_sidecar",
+            f"warrant was minted by sidecar {_shown(claims.sid)} and is used up only there; this is {sidecar!r}",
+        )
     if claims.sub != agent:
         return WarrantRefused(
             "warrant.wrong_agent",
@@ -397,6 +419,7 @@ def _parse_claims(payload: Mapping[str, object]) -> tuple[WarrantClaims, frozens
         approvals=approvals,
         con=constraints,
         wrq=_opt_str(payload, "wrq"),
+        sid=_opt_str(payload, "sid"),
     )
     return claims, frozenset(con) - _CONSTRAINT_KEYS
 

@@ -134,3 +134,20 @@ def write_ca_bundle(out: Path, ca_cert: Path) -> None:
     temporary.write_bytes(bundle)
     temporary.chmod(0o644)
     temporary.replace(out)
+
+
+SIDECAR_ID_FILE = "sidecar.id"
+
+
+def load_sidecar_id(data_dir: Path) -> str:
+    """This sidecar's lasting identity: one per data dir (and so per single-use store), made once."""
+    path = data_dir / SIDECAR_ID_FILE
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    made = "sc_" + secrets.token_hex(8)
+    path.write_text(made + "\n")
+    return made

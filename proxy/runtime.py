@@ -28,7 +28,14 @@ from proxy.control.app import make_app
 from proxy.dataplane.addon import EnforcementAddon
 from proxy.dataplane.destinations import DestinationResolver, OwnListeners, upstream_ca_bundle
 from proxy.demo import Demo, start_demo_upstream, try_every_tier
-from proxy.keys import Operators, load_audit_key, load_operators, load_warrant_keys, write_ca_bundle
+from proxy.keys import (
+    Operators,
+    load_audit_key,
+    load_operators,
+    load_sidecar_id,
+    load_warrant_keys,
+    write_ca_bundle,
+)
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings
@@ -77,6 +84,7 @@ class Sidecar:
     warrant_requests: WarrantRequests
     destinations: DestinationResolver
     listeners: OwnListeners
+    sidecar_id: str = ""
     instance: str = field(default_factory=lambda: "vienna-" + secrets.token_hex(6))
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     proxy_listening: bool = False
@@ -143,6 +151,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
             )
         rules = read_policy(settings.policy)
     keys = load_warrant_keys(settings.warrant_key_file, settings.data_dir)
+    sidecar_id = load_sidecar_id(settings.data_dir)
     operators = load_operators(settings.operators)
     if demo is not None and settings.operators is None:
         operators = demo.operators
@@ -170,6 +179,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         api_base_url=settings.api_base_url,
         pending_ttl=settings.pending_ttl,
         max_pending=settings.max_pending_requests,
+        sidecar_id=sidecar_id,
     )
     sidecar = Sidecar(
         settings=settings,
@@ -181,6 +191,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         recorder=recorder,
         warrant_requests=warrant_requests,
         destinations=DestinationResolver(),
+        sidecar_id=sidecar_id,
         listeners=OwnListeners(
             [(settings.listen_host, settings.listen_port), (settings.api_host, settings.api_port)]
         ),

@@ -59,6 +59,7 @@ class WarrantRequests:
         pending_ttl: float,
         clock: Callable[[], float] = time.time,
         max_pending: int = 100,
+        sidecar_id: str | None = None,
     ) -> None:
         self.store = store
         self.recorder = recorder
@@ -69,6 +70,7 @@ class WarrantRequests:
         self.pending_ttl = pending_ttl
         self.clock = clock
         self.max_pending = max_pending
+        self.sidecar_id = sidecar_id
 
     def url(self, request_id: str) -> str:
         return f"{self.api_base_url}/v1/warrant-requests/{request_id}"
@@ -193,6 +195,7 @@ class WarrantRequests:
             ),
             con=constraints,
             wrq=state.id,
+            sid=self.sidecar_id,
         )
         token = mint(claims, self.keys)
         self.recorder.record(

@@ -368,6 +368,7 @@ class EnforcementAddon:
             agent=sidecar.settings.agent_id,
             keys=sidecar.keys,
             now=sidecar.clock(),
+            sidecar=sidecar.sidecar_id,
         )
         if self._is_loop(request):
             self._refuse_with(flow, request, decision, decision_id, started, _loop_refusal(request))

@@ -347,3 +347,25 @@ def test_a_warrant_binds_the_content_type_of_the_body(sidecar: Sidecar, upstream
         "PUT", url, data=body, warrant=warrant, headers={"Content-Type": "text/plain"}
     )
     assert as_approved.status_code == 200
+
+
+def test_a_used_warrant_is_not_replayed_through_a_second_sidecar_with_the_same_agent_and_key(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    from tests.integration.harness import Sidecar as RunningSidecar
+
+    first, second = Sidecar(tmp_path / "a"), Sidecar(tmp_path / "b")
+    second.key_file.write_text(first.key_file.read_text())  # same agent id, same warrant key, own data dirs
+    first.start()
+    second.start()
+    try:
+        path = "/items/" + unique("twin")
+        url = upstream.url(path)
+        warrant = first.obtain_warrant("PUT", url, data=BODY)
+        assert first.request("PUT", url, data=BODY, warrant=warrant).status_code == 200
+        replayed = second.request("PUT", url, data=BODY, warrant=warrant)
+        assert (replayed.status_code, replayed.json()["reason_code"]) == (403, "warrant.wrong_sidecar")
+        assert len(upstream.seen(path)) == 1
+    finally:
+        first.stop()
+        second.stop()

@@ -352,7 +352,6 @@ def test_a_warrant_binds_the_content_type_of_the_body(sidecar: Sidecar, upstream
 def test_a_used_warrant_is_not_replayed_through_a_second_sidecar_with_the_same_agent_and_key(
     tmp_path: Path, upstream: Upstream
 ) -> None:
-    from tests.integration.harness import Sidecar as RunningSidecar
 
     first, second = Sidecar(tmp_path / "a"), Sidecar(tmp_path / "b")
     second.key_file.write_text(first.key_file.read_text())  # same agent id, same warrant key, own data dirs

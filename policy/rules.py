@@ -17,6 +17,8 @@ from policy.templates import PathTemplate, TemplateError, check_target, compile_
 from policy.yaml_lines import LineMap, LineSeq, YamlProblem, load_yaml
 
 SUPPORTED_VERSIONS = (1,)
+# The longest a warrant of each tier may live; a rule's `warrant.ttl` can shorten it, never lengthen it.
+WARRANT_TTL_CAPS: Mapping[Tier, int] = {Tier.T2: 15 * 60, Tier.T3: 5 * 60}
 DEFAULT_TARGET = "{host}{path}"
 _RULE_KEYS = frozenset(
     {
@@ -194,6 +196,9 @@ def parse_host_pattern(text: str) -> HostPattern:
     raw = text.strip()
     if raw != text or not raw:
         raise ValueError(f"{text!r} is not a host name")
+    if "://" in raw or "/" in raw:
+        bare = raw.split("://", 1)[-1].split("/", 1)[0]
+        raise ValueError(f"{text!r} is a URL, not a host: write {bare!r} (paths go in match.paths)")
     port: int | None = None
     host = raw
     if raw.startswith("["):
@@ -317,10 +322,13 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
     if not isinstance(action, str) or not _ACTION.fullmatch(action):
         issues.add(at("action"), f"{where}.action", f"{action!r} must be a name like github.delete_repo")
     tier = Tier.T3
-    try:
-        tier = Tier.parse(str(raw.get("tier")))
-    except ValueError as exc:
-        issues.add(at("tier"), f"{where}.tier", str(exc))
+    if "tier" not in raw:
+        issues.add(line, f"{where}.tier", "missing: write tier: T0, T1, T2, T3 or deny")
+    else:
+        try:
+            tier = Tier.parse(str(raw.get("tier")))
+        except ValueError as exc:
+            issues.add(at("tier"), f"{where}.tier", str(exc))
 
     hosts, methods, paths = _parse_match(raw.get("match"), where, at("match"), issues)
     when, program = _parse_when(raw.get("when"), where, at("when"), issues)
@@ -642,6 +650,18 @@ def lint(rules: list[Rule] | tuple[Rule, ...], file: str = "policy.yaml") -> lis
             any_host.append(position)
         for pattern in rule.hosts or ():
             (wildcard if pattern.wildcard else exact).setdefault(pattern.host, []).append(position)
+    for rule in rules:
+        cap = WARRANT_TTL_CAPS.get(rule.tier)
+        ttl = rule.warrant.ttl_seconds
+        if cap is not None and ttl is not None and ttl > cap:
+            warnings.append(
+                PolicyIssue(
+                    file,
+                    rule.line,
+                    f"{rule.id}.warrant.ttl",
+                    f"{ttl}s is longer than the {cap // 60} min a {rule.tier} warrant may live; it is capped at {cap // 60} min",
+                )
+            )
     return warnings
 
 

@@ -16,7 +16,7 @@ from types import MappingProxyType
 import jwt
 
 from policy.model import Intent, Request, Tier
-from policy.rules import Rule
+from policy.rules import WARRANT_TTL_CAPS, Rule
 
 MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 32768  # bounds the parsing work an agent can make us do; `mint` stays below it
@@ -468,7 +468,7 @@ def _obj(obj: Mapping[str, object], key: str) -> dict[str, object]:
 
 
 # Issue terms when the rule says nothing (or more): T2 warrants live 15 minutes, T3 five.
-DEFAULT_TTL_SECONDS = MappingProxyType({Tier.T2: 15 * 60, Tier.T3: 5 * 60})
+DEFAULT_TTL_SECONDS = MappingProxyType(dict(WARRANT_TTL_CAPS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -23,11 +24,21 @@ from policy.rules import PolicyError, RuleSet, load_rules
 from proxy.settings import SettingsError, add_run_flags, resolve_settings
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vienna-sidecar")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vienna",
         description="Vienna sidecar: an enforcement proxy for AI agents (risk tiers, warrants, audit).",
     )
+    parser.add_argument("--version", action="version", version=f"vienna {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="start the sidecar (proxy + control API)")
@@ -111,7 +122,17 @@ def _run(args: argparse.Namespace) -> int:
     except (PolicyError, KeyError_) as exc:
         print(f"vienna run: cannot start:\n{exc}", file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        print(f"vienna run: cannot start: {exc.filename}: no such file", file=sys.stderr)
+        return 1
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"vienna run: cannot start: an address is already in use ({exc.strerror}); "
+                "choose other ports with --listen HOST:PORT and --api HOST:PORT",
+                file=sys.stderr,
+            )
+            return 1
         print(f"vienna run: cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -200,6 +221,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
     db: Path = args.db
     if not db.exists():
         print(f"{db}: no such file", file=sys.stderr)
+        return 1
+    if db.is_dir():
+        hint = db / "audit.db"
+        print(f"{db}: is a directory; give the audit database itself, e.g. {hint}", file=sys.stderr)
         return 1
     try:
         events = list(read_events(db))

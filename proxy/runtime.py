@@ -303,11 +303,25 @@ async def serve(settings: Settings) -> int:
         if proxy_server is not None and proxy_server.is_running and proxy_server.listen_addrs():
             break
         await asyncio.sleep(0.05)
-    if master_task.done():
+    listening = proxy_server is not None and bool(proxy_server.listen_addrs())
+    if master_task.done() or not listening:
+        # mitmproxy logs a bind failure and keeps running without a listener: never run like that.
+        failure = master_task.exception() if master_task.done() else None
+        if not master_task.done():
+            master.shutdown()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(master_task, 10)
         await runner.cleanup()
         sidecar.store.close()
-        exc = master_task.exception()
-        log.error("the proxy could not start: %s", exc)
+        if failure is None or "in use" in str(failure).lower():
+            log.error(
+                "the proxy could not listen on %s:%d (in use, or not an address of this machine); "
+                "choose another with --listen HOST:PORT",
+                settings.listen_host,
+                settings.listen_port,
+            )
+        else:
+            log.error("the proxy could not start: %s", failure)
         return 1
     if settings.ca_bundle_out is not None:
         write_ca_bundle(settings.ca_bundle_out, ca_cert_path(settings))
@@ -372,3 +386,15 @@ def configure_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mitmproxy").setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_our_flags_in_mitmproxy_hints)
+
+
+def _our_flags_in_mitmproxy_hints(record: logging.LogRecord) -> bool:
+    """mitmproxy's bind errors advise its own flag (`--mode regular@8082`); the hint names ours."""
+    message = record.getMessage()
+    if record.name.startswith("mitmproxy") and "--mode" in message:
+        record.msg = message.split("\nTry specifying", 1)[0].split(" Try specifying", 1)[0]
+        record.msg += "; choose other ports with vienna run --listen HOST:PORT (and --api HOST:PORT)"
+        record.args = ()
+    return True

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -162,6 +163,19 @@ def _policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_for_explain(host: str, port: int) -> str | None:
+    import socket
+
+    from proxy.dataplane.destinations import DestinationResolver
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    addresses = [str(info[4][0]) for info in infos]
+    return DestinationResolver.choose(addresses) if addresses else None
+
+
 def _policy_explain(args: argparse.Namespace) -> int:
     rules = _load(args.path, sys.stderr)
     if rules is None:
@@ -190,6 +204,10 @@ def _policy_explain(args: argparse.Namespace) -> int:
         code = getattr(exc, "code", "request.bad_target")
         print(f"decision: bad_request\nreason:   {code}: {reason}")
         return 0
+    # Resolved as the proxy would: a name that resolves to an internal address is refused there too.
+    resolved = _resolve_for_explain(request.host, request.port)
+    if resolved is not None:
+        request = replace(request, address=resolved)
     found = classify(request, rules, agent=args.agent)
     decision = engine.decide(request, rules=rules, warrant=None, agent=args.agent, keys=None, now=time.time())
     result = {
@@ -202,12 +220,24 @@ def _policy_explain(args: argparse.Namespace) -> int:
         "reason_code": decision.reason_code,
         "reason": decision.reason,
         "policy_revision": rules.revision,
+        "address": resolved
+        or f"(not resolved: {request.host} has no address here; the proxy would answer 502)",
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     width = max(len(k) for k in result)
-    for key in ("request", "action", "target", "tier", "rule", "decision", "reason_code", "reason"):
+    for key in (
+        "request",
+        "address",
+        "action",
+        "target",
+        "tier",
+        "rule",
+        "decision",
+        "reason_code",
+        "reason",
+    ):
         value = result[key]
         if key == "request":
             value = f"{request.method} {request.url}"

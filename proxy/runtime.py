@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
@@ -29,6 +30,7 @@ from proxy.dataplane.addon import EnforcementAddon
 from proxy.dataplane.destinations import DestinationResolver, OwnListeners, upstream_ca_bundle
 from proxy.demo import Demo, start_demo_upstream, try_every_tier
 from proxy.keys import (
+    KeyError_,
     Operators,
     load_audit_key,
     load_operators,
@@ -85,6 +87,7 @@ class Sidecar:
     destinations: DestinationResolver
     listeners: OwnListeners
     sidecar_id: str = ""
+    data_dir_lock: int = -1
     instance: str = field(default_factory=lambda: "vienna-" + secrets.token_hex(6))
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     proxy_listening: bool = False
@@ -138,10 +141,26 @@ class Sidecar:
         return True
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """One sidecar per data dir: two would interleave one audit chain and one single-use store."""
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise KeyError_(
+            f"{data_dir} is in use by another vienna process; give each sidecar its own --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # held (and the lock with it) until the process exits
+
+
 def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         settings.data_dir.chmod(0o700)
+    data_dir_lock = lock_data_dir(settings.data_dir)
     if demo is not None and settings.policy is None:
         rules = load_rules(demo.policy, file="<demo policy>")
     else:
@@ -192,6 +211,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         warrant_requests=warrant_requests,
         destinations=DestinationResolver(),
         sidecar_id=sidecar_id,
+        data_dir_lock=data_dir_lock,
         listeners=OwnListeners(
             [(settings.listen_host, settings.listen_port), (settings.api_host, settings.api_port)]
         ),

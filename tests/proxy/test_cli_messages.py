@@ -75,3 +75,37 @@ def test_a_proxy_port_in_use_names_our_flag_not_mitmproxys(tmp_path: Path) -> No
     assert result.returncode != 0
     assert "--listen HOST:PORT" in result.stderr
     assert "--mode regular@" not in result.stderr
+
+
+def test_explain_resolves_the_name_and_agrees_with_the_proxy(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nrules:\n  - id: read\n    match: {methods: [GET]}\n    action: a.read\n    tier: T0\n"
+    )
+    result = _vienna("policy", "explain", str(policy), "GET", "http://localhost:8000/x", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "destination.internal" in result.stdout and "127.0.0.1" in result.stdout
+
+
+def test_two_sidecars_cannot_share_one_data_dir(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    data = tmp_path / "d"
+    data.mkdir()
+    fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sidecar holds it
+        ports = []
+        for _ in range(2):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        result = _vienna(
+            "run", "--data-dir", str(data), "--listen", f"127.0.0.1:{ports[0]}", "--api", f"127.0.0.1:{ports[1]}",
+            cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert result.returncode == 1
+    assert "is in use by another vienna process" in result.stderr

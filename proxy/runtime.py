@@ -137,7 +137,7 @@ class Sidecar:
                 policy_revision=new_rules.revision,
                 payload={"event": "reloaded", "previous_revision": old, "rules": len(new_rules.rules)},
             )
-        log.warning("policy reloaded: revision %s (%d rules)", new_rules.revision[:12], len(new_rules.rules))
+        log.info("policy reloaded: revision %s (%d rules)", new_rules.revision[:12], len(new_rules.rules))
         return True
 
 
@@ -353,7 +353,7 @@ async def serve(settings: Settings) -> int:
         proxy_url = f"http://{settings.listen_host}:{settings.listen_port}"
         lines = await asyncio.to_thread(try_every_tier, proxy_url, settings.api_base_url, demo)
         print("\n".join(lines), file=sys.stderr, flush=True)
-    log.warning(
+    log.info(
         "vienna sidecar ready: proxy %s:%d (%s), api %s, agent %s, policy %s (%s), enforcement %s",
         settings.listen_host,
         settings.listen_port,
@@ -368,7 +368,7 @@ async def serve(settings: Settings) -> int:
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, master_task}, return_when=asyncio.FIRST_COMPLETED)
     sidecar.stopping = True
-    log.warning("stopping: no new connections, finishing in-flight requests")
+    log.info("stopping: no new connections, finishing in-flight requests")
     await _drain(sidecar, master, live=enforcement.watch.live)
     master.shutdown()
     with contextlib.suppress(Exception):
@@ -401,7 +401,7 @@ async def _drain(
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("VIENNA_LOG_LEVEL", "WARNING").upper(),
+        level=os.environ.get("VIENNA_LOG_LEVEL", "INFO").upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

@@ -792,3 +792,23 @@ def test_readme_value_snippets_render(helm: Path, tmp_path: Path) -> None:
         values = YAML(typ="safe", pure=True).load(block)
         if "policy" in values:
             assert load_rules(values["policy"]["inline"], file=f"README block {index}")
+
+
+def test_notes_warn_when_a_fixed_agent_id_runs_in_several_replicas(helm: Path) -> None:
+    cmd = [str(helm), "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE]
+    cmd += [
+        "-f",
+        str(VALUES / "default.yaml"),
+        "--set",
+        "sidecar.agentId=support-bot",
+        "--set",
+        "replicaCount=3",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.partition("NOTES:")[2]
+    assert "WARNING: sidecar.agentId is fixed (support-bot) with replicaCount 3" in notes
+    single = subprocess.run(
+        [*cmd[:-2], "--set", "replicaCount=1"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert "WARNING: sidecar.agentId is fixed" not in single.stdout

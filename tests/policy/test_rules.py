@@ -50,7 +50,7 @@ BROKEN_CASES: list[tuple[str, int, str, str]] = [
         "bad_host",
         7,
         "rules[0].match.hosts[1]",
-        "'api.github.com/repos': host 'api.github.com/repos' contains the forbidden character '/'",
+        "'api.github.com/repos' is a URL, not a host: write 'api.github.com' (paths go in match.paths)",
     ),
     (
         "wildcard_in_middle",

@@ -216,7 +216,14 @@ def _request_field(request: Request, name: str) -> Any:
 def _body(request: Request, kind: str) -> Any:
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     is_json = content_type == "application/json" or content_type.endswith("+json")
-    parsed = request.body and len(request.body) <= _MAX_PARSED_BODY
+    too_large = len(request.body) > _MAX_PARSED_BODY
+    if too_large and (is_json or content_type == "application/x-www-form-urlencoded"):
+        # Read as empty, a guard like `has(request.form.amount)` would be false while the upstream
+        # parses the whole body: the `when` fails instead (and so the request fails closed).
+        raise ValueError(f"the body is over {_MAX_PARSED_BODY} bytes; a when cannot read it")
+    if kind == "form" and content_type.startswith("multipart/"):
+        raise ValueError("multipart bodies are not parsed; a when cannot read request.form from one")
+    parsed = request.body and not too_large
     if kind == "json":
         if not (parsed and is_json):
             return None

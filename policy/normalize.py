@@ -379,13 +379,25 @@ def hop_by_hop_names(headers: Iterable[tuple[str, str]], *, keep: frozenset[str]
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 
 
-def overridden_method(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The method the override headers name (None without them); disagreeing ones are refused."""
+def overridden_method(
+    headers: Iterable[tuple[str, str]], *, query: str = "", form: str | None = None
+) -> str | None:
+    """The method the override headers name — or a `_method` parameter in the query or a form body
+    (Rails, Laravel, Symfony) — None without them; disagreeing ones are refused. Header names are
+    compared as WSGI/CGI upstreams see them (`_` and `-` alike)."""
+    from urllib.parse import parse_qsl
+
     named = {
         normalize_method(value.strip())
         for name, value in headers
-        if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip()
+        if name.lower().replace("_", "-") in METHOD_OVERRIDE_HEADERS and value.strip()
     }
+    for text in (query, form or ""):
+        named.update(
+            normalize_method(value.strip())
+            for key, value in parse_qsl(text, keep_blank_values=True)
+            if key == "_method" and value.strip()
+        )
     if len(named) > 1:
         raise AmbiguousRequest(
             "request.ambiguous_method", f"method-override headers name {len(named)} different methods"

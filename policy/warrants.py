@@ -133,9 +133,16 @@ def constraints_for(request: Request, *, bind: Bind = Bind.EXACT, max_uses: int 
 
 
 def content_type_of(request: Request) -> str:
-    """The Content-Type as bound by a warrant: lower-case, spaces around `;` and `=` dropped."""
+    """The Content-Type as bound by a warrant: the type and parameter names lower-cased, space around
+    `;` and `=` dropped, parameter values byte for byte (a multipart boundary is case-sensitive)."""
     value = request.header("content-type") or ""
-    return ";".join(part.strip().replace(" ", "") for part in value.lower().split(";") if part.strip())
+    media, *params = value.split(";")
+    parts = [media.strip().lower()]
+    for param in params:
+        name, sep, rest = param.partition("=")
+        if name.strip() or rest.strip():
+            parts.append(name.strip().lower() + sep + rest.strip())
+    return ";".join(parts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

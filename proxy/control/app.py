@@ -247,7 +247,7 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
         offset = int(request.query.get("offset", "0"))
     except ValueError:
         raise _BadRequest("limit and offset must be integers") from None
-    if not 1 <= limit <= 1000 or offset < 0:
+    if not 1 <= limit <= 1000 or not 0 <= offset < 2**62:
         raise _BadRequest("limit must be 1-1000 and offset >= 0")
     now = sidecar.clock()
     found = sidecar.store.list_requests(status, now, limit=limit, offset=offset)

@@ -176,7 +176,13 @@ class EnforcementAddon:
                 request, warrant = self._adapt(flow, body=b"")
             except AmbiguousRequest:
                 return  # refused with its audit record in the request hook, once the body is in
-            needs_body = (_announces_body(flow.request) and request.method == "GET") or body_needed(
+            # A GET body is decided with it; a form POST may carry `_method`; with a method override the
+            # decision must hold for the method sent too (whose rules may read the body).
+            needs_body = (
+                (_announces_body(flow.request) and request.method == "GET")
+                or request.wire_method is not None
+                or _is_form_post(flow.request)
+            ) or body_needed(
                 request, self.sidecar.rules, agent=self.sidecar.settings.agent_id, warrant=warrant is not None
             )
             if needs_body:
@@ -634,7 +640,18 @@ class EnforcementAddon:
         if len(warrants) > 1:
             raise AmbiguousRequest("request.duplicate_warrant", "more than one Vienna-Warrant header")
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in data.headers.fields]
-        override = overridden_method(headers)
+        content_types = data.headers.get_all("content-type")
+        if len(content_types) > 1 or len(data.headers.get_all("content-encoding")) > 1:
+            # which one decides how the body is parsed differs between parsers
+            raise AmbiguousRequest(
+                "request.ambiguous_parameter", "more than one Content-Type or Content-Encoding"
+            )
+        is_form = bool(content_types) and content_types[0].split(";")[0].strip().lower() == _FORM
+        override = overridden_method(
+            headers,
+            query=data.path.partition("?")[2],
+            form=body.decode("utf-8", "replace") if is_form and body else None,
+        )
         request = build_request(
             method=override or data.method,
             scheme=scheme,
@@ -846,6 +863,14 @@ class EnforcementAddon:
         return plain_error(
             refusal.status, refusal.error, refusal.code, refusal.reason, decision_id=decision_id
         )
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _is_form_post(request: http.Request) -> bool:
+    value = request.headers.get("content-type", "")
+    return request.method.upper() == "POST" and value.split(";")[0].strip().lower() == _FORM
 
 
 def _announces_body(request: http.Request) -> bool:

@@ -208,8 +208,8 @@ def test_wrong_operator_tokens_are_throttled_per_client_and_audited(tmp_path: Pa
         assert answers[0].json()["reason"] == "token not recognised"
         assert statuses[-1] == 429 and int(answers[-1].headers["Retry-After"]) >= 1
         assert answers[-1].json()["reason_code"] == "auth.throttled"
-        # throttled: even the right token waits, so guessing cannot go on at full speed
-        assert fresh.api("GET", "/v1/warrant-requests", token=TOKENS["alice"]).status_code == 429
+        # the right token still passes: an agent on the operators' address cannot lock them out
+        assert fresh.api("GET", "/v1/warrant-requests", token=TOKENS["alice"]).status_code == 200
     events = [
         json.loads(line)
         for line in fresh.log_text().splitlines()

@@ -484,3 +484,23 @@ def test_warrant_terms_come_from_the_rule_within_the_tier_default(
     rule = _rule_with_warrant(warrant, tier.value) if warrant else None
     terms = terms_for(tier, rule)
     assert (terms.ttl_seconds, terms.max_uses, terms.bind) == expected
+
+
+def test_content_type_binding_keeps_parameter_values_exact() -> None:
+    from policy.warrants import content_type_of
+
+    def of(value: str) -> str:
+        return content_type_of(
+            Request(
+                method="POST",
+                scheme="https",
+                host="h",
+                port=443,
+                path="/",
+                headers=(("content-type", value),),
+            )
+        )
+
+    assert of("Multipart/Form-Data; Boundary=AB") == "multipart/form-data;boundary=AB"
+    assert of("multipart/form-data; boundary=ab") != of("multipart/form-data; boundary=AB")
+    assert of("text/plain ; charset = utf-8") == "text/plain;charset=utf-8"

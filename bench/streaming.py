@@ -28,17 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy import BARE_MITMPROXY, free_port, wait_port
+from bench.proxy import BARE_MITMPROXY, POLICY, free_port, wait_port
 
-POLICY = """\
-version: 1
-default_tier: T3
-rules:
-  - id: bench-read
-    match: {hosts: ["127.0.0.1"], methods: [GET]}
-    action: bench.read
-    tier: T0
-"""
 UPSTREAM = """\
 import asyncio, sys
 from aiohttp import web

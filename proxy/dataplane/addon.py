@@ -72,6 +72,9 @@ class EnforcementAddon:
         )
         self.via = f"1.1 {sidecar.instance}"
         self.tunnels = Tunnels(sidecar, self.pins)
+        # Pins and tunnels are addons of their own: mitmproxy registers an addon's `addons` with it,
+        # so their hooks go straight to them.
+        self.addons = [self.pins, self.tunnels]
         # Test-only fault injection, read once at start-up: with VIENNA_TEST_FAULT=addon the addon
         # raises right before forwarding an allowed request, so tests can prove that a raising addon
         # refuses instead of letting mitmproxy forward on its own. It can only ever refuse more.
@@ -94,47 +97,13 @@ class EnforcementAddon:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Only HTTP is ever relayed, except the raw tunnels passthrough rules open (tunnels.py)."""
-        if self.tunnels.next_layer(nextlayer):
+        if self.tunnels.choose_layer(nextlayer):
             return
         chosen = nextlayer.layer
         if chosen is None:
             return
         if isinstance(chosen, layers.TCPLayer | layers.UDPLayer | layers.DNSLayer):
             nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
-
-    def client_disconnected(self, client: Any) -> None:
-        self.pins.client_disconnected(client)
-        self.tunnels.client_disconnected(client)
-
-    def tcp_message(self, flow: Any) -> None:
-        self.tunnels.tcp_message(flow)
-
-    def tcp_end(self, flow: Any) -> None:
-        self.tunnels.tcp_end(flow)
-
-    def tcp_error(self, flow: Any) -> None:
-        self.tunnels.tcp_end(flow)
-
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
-        self.tunnels.websocket_start(flow)
-
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        self.tunnels.websocket_message(flow)
-
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self.tunnels.websocket_end(flow)
-
-    def server_connect(self, data: Any) -> None:
-        self.pins.server_connect(data)
-
-    def server_connected(self, data: Any) -> None:
-        self.pins.server_connected(data)
-
-    def server_connect_error(self, data: Any) -> None:
-        self.pins.server_connect_error(data)
-
-    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
-        self.pins.http_connect_upstream(flow)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse CONNECT to malformed, internal or own targets before any tunnel exists."""
@@ -912,28 +881,20 @@ def _replace_verdict(decision: Decision, verdict: Verdict, code: str, reason: st
 
 
 def _audit_request(request: Request, *, streamed: bool = False) -> dict[str, Any]:
-    if streamed:  # the body streams after the decision: its digest is in the execution event
-        return {
-            "method": request.method,
-            "scheme": request.scheme,
-            "host": request.host,
-            "port": request.port,
-            "path": request.path,
-            "query_sha256": hashlib.sha256(request.query.encode()).hexdigest() if request.query else None,
-            "body": "streamed",
-            "address": request.address,
-        }
-    return {
+    audited: dict[str, Any] = {
         "method": request.method,
         "scheme": request.scheme,
         "host": request.host,
         "port": request.port,
         "path": request.path,
         "query_sha256": hashlib.sha256(request.query.encode()).hexdigest() if request.query else None,
-        "body_sha256": request.body_sha256,
-        "body_bytes": len(request.body),
         "address": request.address,
     }
+    if streamed:  # the body streams after the decision: its digest is in the execution event
+        audited["body"] = "streamed"
+    else:
+        audited.update(body_sha256=request.body_sha256, body_bytes=len(request.body))
+    return audited
 
 
 def _request_digest(request: Request) -> str:

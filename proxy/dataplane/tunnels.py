@@ -106,7 +106,7 @@ class Tunnels:
             target.host, target.port, target.address, rule.id, decision_id
         )
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> bool:
+    def choose_layer(self, nextlayer: layer.NextLayer) -> bool:
         """True when this connection is a passthrough tunnel and the layer was chosen here."""
         tunnel = self._pending.get(nextlayer.context.client.id)
         if tunnel is None or tunnel.decided:
@@ -170,6 +170,8 @@ class Tunnels:
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
         self._finish(flow.client_conn.id, flow.error.msg if flow.error is not None else None)
+
+    tcp_error = tcp_end
 
     def client_disconnected(self, client: Any) -> None:
         self._finish(client.id, None)

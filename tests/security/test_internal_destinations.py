@@ -211,7 +211,7 @@ async def _through_addon(addon: EnforcementAddon, flow: http.HTTPFlow) -> http.R
 def _connect(addon: EnforcementAddon, flow: http.HTTPFlow) -> connection.Server:
     """What mitmproxy does next: open a server connection to the request's host, via the connect hook."""
     server = connection.Server(address=(flow.request.host, flow.request.port))
-    addon.server_connect(server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn))
+    addon.pins.server_connect(server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn))
     return server
 
 

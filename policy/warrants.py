@@ -14,13 +14,17 @@ from enum import StrEnum
 from types import MappingProxyType
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from policy.model import Intent, Request, Tier
 from policy.rules import WARRANT_TTL_CAPS, Rule
 
 MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 32768  # bounds the parsing work an agent can make us do; `mint` stays below it
-ALGORITHM = "HS256"
+ALGORITHM = "HS256"  # the standalone sidecar's own warrants (one HMAC secret)
+EDDSA = "EdDSA"  # the fleet authority's warrants (Ed25519): sidecars hold the public key only
 TOKEN_TYPE = "warrant+jwt"
 ISSUER = "vienna"
 
@@ -49,23 +53,77 @@ _CONSTRAINT_KEYS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class WarrantKeys:
-    """HMAC secrets by key id; new warrants are signed with `active_kid`, any listed key verifies."""
+    """Keys that verify warrants, by key id: HMAC secrets (HS256, which also mint, with `active_kid`)
+    and Ed25519 public keys (EdDSA, verify only). Each key id has one algorithm: a token naming a
+    kid is checked with that key's algorithm and no other (no algorithm confusion)."""
 
     keys: Mapping[str, bytes] = field(repr=False)
-    active_kid: str
+    active_kid: str | None
+    public_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.keys:
+        if not self.keys and not self.public_keys:
             raise ValueError("at least one warrant key is needed")
         for kid, secret in self.keys.items():
             if not isinstance(kid, str) or not kid:
                 raise ValueError("warrant key ids must be non-empty strings")
             if not isinstance(secret, bytes) or len(secret) < MIN_KEY_BYTES:
                 raise ValueError(f"warrant key {kid!r} must be at least {MIN_KEY_BYTES} bytes")
-        if self.active_kid not in self.keys:
+        for kid, public in self.public_keys.items():
+            if not isinstance(kid, str) or not kid or kid in self.keys:
+                raise ValueError("public key ids must be non-empty strings, distinct from HMAC key ids")
+            if not isinstance(public, Ed25519PublicKey):
+                raise ValueError(f"public key {kid!r} is not an Ed25519 key")
+        if self.active_kid is not None and self.active_kid not in self.keys:
             raise ValueError(f"active key id {self.active_kid!r} is not among the warrant keys")
         # A private read-only copy: a caller mutating its dict must not change what verifies.
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+        object.__setattr__(self, "public_keys", MappingProxyType(dict(self.public_keys)))
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        return (*((ALGORITHM,) if self.keys else ()), *((EDDSA,) if self.public_keys else ()))
+
+    def algorithm_of(self, kid: str) -> str | None:
+        if kid in self.keys:
+            return ALGORITHM
+        if kid in self.public_keys:
+            return EDDSA
+        return None
+
+
+def public_key_id(public: Ed25519PublicKey) -> str:
+    """A stable key id for an Ed25519 key: derived from the key, so every replica holding it agrees."""
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return "ed-" + hashlib.sha256(b"vienna-kid:" + raw).hexdigest()[:16]
+
+
+def jwk_of(public: Ed25519PublicKey, kid: str) -> dict[str, str]:
+    """RFC 8037: an Ed25519 public key as a JWK."""
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64(raw), "kid": kid, "alg": EDDSA, "use": "sig"}
+
+
+def public_key_from_jwk(jwk: Mapping[str, object]) -> tuple[str, Ed25519PublicKey]:
+    """(kid, key) from an RFC 8037 JWK; raises ValueError for anything but an Ed25519 signing key."""
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise ValueError("only OKP / Ed25519 keys are accepted")
+    if jwk.get("alg", EDDSA) != EDDSA or jwk.get("use", "sig") != "sig":
+        raise ValueError("the key is not an EdDSA signing key")
+    kid, x = jwk.get("kid"), jwk.get("x")
+    if not isinstance(kid, str) or not kid or not isinstance(x, str):
+        raise ValueError("a JWK needs 'kid' and 'x'")
+    try:
+        raw = _segment(x, "x")
+    except _Malformed as exc:
+        raise ValueError(str(exc)) from None
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return kid, Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 class Bind(StrEnum):
@@ -191,16 +249,31 @@ class WarrantClaims:
         return payload
 
 
-def mint(claims: WarrantClaims, keys: WarrantKeys) -> str:
-    payload = json.dumps(
+def _claims_json(claims: WarrantClaims) -> bytes:
+    return json.dumps(
         claims.as_payload(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
+
+
+def mint(claims: WarrantClaims, keys: WarrantKeys) -> str:
+    if keys.active_kid is None:
+        raise ValueError("these keys verify only: no HMAC key to mint with")
     token = _JWS.encode(
-        payload,
+        _claims_json(claims),
         keys.keys[keys.active_kid],
         algorithm=ALGORITHM,
         headers={"typ": TOKEN_TYPE, "kid": keys.active_kid},
     )
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"warrant would be {len(token)} characters, more than verify accepts")
+    return token
+
+
+def mint_eddsa(claims: WarrantClaims, private: Ed25519PrivateKey, kid: str) -> str:
+    """An EdDSA warrant (the authority's): header and payload in one canonical form, Ed25519-signed."""
+    header = json.dumps({"alg": EDDSA, "kid": kid, "typ": TOKEN_TYPE}, sort_keys=True, separators=(",", ":"))
+    signing_input = _b64(header.encode("utf-8")) + "." + _b64(_claims_json(claims))
+    token = signing_input + "." + _b64(private.sign(signing_input.encode("ascii")))
     if len(token) > MAX_TOKEN_CHARS:
         raise ValueError(f"warrant would be {len(token)} characters, more than verify accepts")
     return token
@@ -236,27 +309,9 @@ def verify(
     except _Malformed as exc:
         return WarrantRefused("warrant.malformed", str(exc))
 
-    # The header is checked before any key is touched, so `none`, RS256-with-our-secret
-    # (key confusion) and friends never reach signature code.
-    alg = header.get("alg")
-    if alg != ALGORITHM:
-        return WarrantRefused(
-            "warrant.algorithm", f"algorithm {_shown(alg)} is not accepted, only {ALGORITHM}"
-        )
-    if header.get("typ") != TOKEN_TYPE:
-        return WarrantRefused("warrant.type", f"token type {_shown(header.get('typ'))} is not {TOKEN_TYPE}")
-    # A token without `kid` is checked against the active key; a `kid` we do not hold is refused
-    # (never tried against another key).
-    kid = header.get("kid", keys.active_kid)
-    if not isinstance(kid, str) or kid not in keys.keys:
-        return WarrantRefused("warrant.unknown_key", f"unknown key id (kid) {_shown(kid)}")
-
-    # HS256 is pinned and the segments were already checked to be canonical base64url, so the
-    # signature is checked here directly (PyJWS would parse the whole token a second time).
-    signing_input, _, signature = token.rpartition(".")
-    expected = hmac.new(keys.keys[kid], signing_input.encode("ascii"), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, _segment(signature, "signature")):
-        return WarrantRefused("warrant.bad_signature", "signature does not verify")
+    refused = check_signature(token, header, keys)
+    if refused is not None:
+        return refused
 
     # Written as `not (...)` so that a NaN clock fails closed.
     if not now < claims.exp + leeway:
@@ -293,6 +348,47 @@ def verify(
             f"constraint mismatch: the request's {mismatch} is not what the warrant covers",
         )
     return WarrantValid(claims)
+
+
+def check_signature(token: str, header: Mapping[str, object], keys: WarrantKeys) -> WarrantRefused | None:
+    """The header checks and the signature; None when the token was signed by one of `keys`.
+
+    The header is checked before any key is touched, so `none`, RS256-with-our-secret and HS256
+    signed with a public key (algorithm confusion) never reach signature code: each key id has one
+    algorithm, and a token is checked with that one only."""
+    alg = header.get("alg")
+    accepted = keys.algorithms
+    if alg not in accepted:
+        return WarrantRefused(
+            "warrant.algorithm", f"algorithm {_shown(alg)} is not accepted, only {', '.join(accepted)}"
+        )
+    if header.get("typ") != TOKEN_TYPE:
+        return WarrantRefused("warrant.type", f"token type {_shown(header.get('typ'))} is not {TOKEN_TYPE}")
+    # A token without `kid` is checked against the active HMAC key; a `kid` we do not hold is
+    # refused (never tried against another key).
+    kid = header.get("kid", keys.active_kid)
+    key_alg = keys.algorithm_of(kid) if isinstance(kid, str) else None
+    if key_alg is None:
+        return WarrantRefused("warrant.unknown_key", f"unknown key id (kid) {_shown(kid)}")
+    assert isinstance(kid, str)
+    if alg != key_alg:
+        return WarrantRefused(
+            "warrant.algorithm", f"key {_shown(kid)} verifies {key_alg} only, not {_shown(alg)}"
+        )
+    signing_input, _, signature = token.rpartition(".")
+    raw_signature = _segment(signature, "signature")
+    if key_alg == ALGORITHM:
+        # HS256 is pinned and the segments were already checked to be canonical base64url, so the
+        # signature is checked here directly (PyJWS would parse the whole token a second time).
+        expected = hmac.new(keys.keys[kid], signing_input.encode("ascii"), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, raw_signature):
+            return WarrantRefused("warrant.bad_signature", "signature does not verify")
+        return None
+    try:
+        keys.public_keys[kid].verify(raw_signature, signing_input.encode("ascii"))
+    except InvalidSignature:
+        return WarrantRefused("warrant.bad_signature", "signature does not verify")
+    return None
 
 
 def _first_mismatch(con: Constraints, request: Request) -> str | None:

@@ -36,6 +36,7 @@ ALLOWED = frozenset(
         # third party, each pure: JWT signing, CEL evaluation, YAML parsing of text already read
         "jwt",
         "cel",
+        "cryptography",  # Ed25519 signatures (EdDSA warrants): bytes in, bytes out
         "ruamel.yaml",
         "yaml",  # libyaml's composer (policy/yaml_lines.py): text in, nodes out
         "policy",

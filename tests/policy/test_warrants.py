@@ -9,6 +9,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +25,11 @@ from policy.warrants import (
     WarrantRefused,
     WarrantValid,
     constraints_for,
+    jwk_of,
     mint,
+    mint_eddsa,
+    public_key_from_jwk,
+    public_key_id,
     terms_for,
     verify,
 )
@@ -504,3 +510,90 @@ def test_content_type_binding_keeps_parameter_values_exact() -> None:
     assert of("Multipart/Form-Data; Boundary=AB") == "multipart/form-data;boundary=AB"
     assert of("multipart/form-data; boundary=ab") != of("multipart/form-data; boundary=AB")
     assert of("text/plain ; charset = utf-8") == "text/plain;charset=utf-8"
+
+
+# --- EdDSA (the fleet authority's warrants) -----------------------------------------------------
+
+ED_PRIVATE = Ed25519PrivateKey.from_private_bytes(b"e" * 32)
+ED_PUBLIC = ED_PRIVATE.public_key()
+ED_KID = public_key_id(ED_PUBLIC)
+ED_RAW = ED_PUBLIC.public_bytes(Encoding.Raw, PublicFormat.Raw)
+PUBLIC_ONLY = WarrantKeys({}, None, public_keys={ED_KID: ED_PUBLIC})
+
+
+def ed_craft(header: object, payload: object, private: Ed25519PrivateKey = ED_PRIVATE) -> str:
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64(private.sign(signing_input.encode()))}"
+
+
+def test_eddsa_warrant_verifies_with_the_public_key_only() -> None:
+    token = mint_eddsa(make_claims(), ED_PRIVATE, ED_KID)
+    result = check(token, keys=PUBLIC_ONLY)
+    assert isinstance(result, WarrantValid)
+    assert result.claims == make_claims()
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"alg": "EdDSA", "kid": ED_KID, "typ": "warrant+jwt"}
+
+
+def test_public_only_keys_cannot_mint() -> None:
+    with pytest.raises(ValueError, match="verify only"):
+        mint(make_claims(), PUBLIC_ONLY)
+
+
+def test_alg_confusion_hs256_signed_with_the_public_key_is_refused() -> None:
+    # The classic attack: the verifier's public key bytes used as an HMAC secret.
+    forged = craft({"alg": "HS256", "typ": "warrant+jwt", "kid": ED_KID}, payload_with(), key=ED_RAW)
+    assert outcome(check(forged, keys=PUBLIC_ONLY)) == "warrant.algorithm"
+    # The same with a sidecar that also holds an HMAC key: the kid still says EdDSA.
+    both = WarrantKeys({"k1": SECRET}, "k1", public_keys={ED_KID: ED_PUBLIC})
+    assert outcome(check(forged, keys=both)) == "warrant.algorithm"
+    # And an HS256 token naming no kid in public-only mode has nothing to verify with.
+    bare = craft({"alg": "HS256", "typ": "warrant+jwt"}, payload_with(), key=ED_RAW)
+    assert outcome(check(bare, keys=PUBLIC_ONLY)) == "warrant.algorithm"
+
+
+def test_eddsa_token_naming_an_hmac_kid_is_refused() -> None:
+    both = WarrantKeys({"k1": SECRET}, "k1", public_keys={ED_KID: ED_PUBLIC})
+    token = ed_craft({"alg": "EdDSA", "typ": "warrant+jwt", "kid": "k1"}, payload_with())
+    assert outcome(check(token, keys=both)) == "warrant.algorithm"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ({"alg": "EdDSA", "typ": "warrant+jwt", "kid": "ed-unknown"}, "warrant.unknown_key"),
+        ({"alg": "EdDSA", "typ": "warrant+jwt"}, "warrant.unknown_key"),
+        ({"alg": "none", "typ": "warrant+jwt", "kid": ED_KID}, "warrant.algorithm"),
+        ({"alg": "Ed448", "typ": "warrant+jwt", "kid": ED_KID}, "warrant.algorithm"),
+        ({"alg": "EdDSA", "typ": "JWT", "kid": ED_KID}, "warrant.type"),
+    ],
+    ids=["unknown kid", "no kid", "none", "Ed448", "wrong typ"],
+)
+def test_eddsa_header_refusals(header: dict[str, object], expected: str) -> None:
+    assert outcome(check(ed_craft(header, payload_with()), keys=PUBLIC_ONLY)) == expected
+
+
+def test_eddsa_signed_by_another_key_or_edited_is_refused() -> None:
+    other = Ed25519PrivateKey.from_private_bytes(b"f" * 32)
+    header = {"alg": "EdDSA", "typ": "warrant+jwt", "kid": ED_KID}
+    assert outcome(check(ed_craft(header, payload_with(), other), keys=PUBLIC_ONLY)) == "warrant.bad_signature"
+    token = mint_eddsa(make_claims(), ED_PRIVATE, ED_KID)
+    head, _, signature = token.split(".")
+    edited = f"{head}.{b64(json.dumps(payload_with(sub='someone-else')).encode())}.{signature}"
+    assert outcome(check(edited, keys=PUBLIC_ONLY)) == "warrant.bad_signature"
+
+
+def test_jwk_round_trip_and_refusals() -> None:
+    jwk = jwk_of(ED_PUBLIC, ED_KID)
+    assert jwk["kty"] == "OKP" and jwk["crv"] == "Ed25519" and jwk["alg"] == "EdDSA"
+    kid, key = public_key_from_jwk(jwk)
+    assert kid == ED_KID and key.public_bytes(Encoding.Raw, PublicFormat.Raw) == ED_RAW
+    for bad in (
+        {**jwk, "kty": "oct", "k": b64(SECRET)},
+        {**jwk, "crv": "X25519"},
+        {**jwk, "alg": "HS256"},
+        {**jwk, "x": b64(b"short")},
+        {key_: value for key_, value in jwk.items() if key_ != "kid"},
+    ):
+        with pytest.raises(ValueError):
+            public_key_from_jwk(bad)

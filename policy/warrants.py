@@ -350,6 +350,28 @@ def verify(
     return WarrantValid(claims)
 
 
+def read_warrant(
+    token: str, *, keys: WarrantKeys, now: float, issuer: str = ISSUER, leeway: int = 0
+) -> WarrantValid | WarrantRefused:
+    """A warrant's claims when `keys` signed it and it is within its lifetime, with no request to
+    check it against (the authority consuming a use; the request was checked by the sidecar)."""
+    try:
+        header, payload = _split(token)
+        claims, _ = _parse_claims(payload)
+    except _Malformed as exc:
+        return WarrantRefused("warrant.malformed", str(exc))
+    refused = check_signature(token, header, keys)
+    if refused is not None:
+        return refused
+    if not now < claims.exp + leeway:
+        return WarrantRefused("warrant.expired", f"warrant expired (exp {claims.exp})")
+    if not now >= claims.nbf - leeway:
+        return WarrantRefused("warrant.not_yet_valid", f"warrant is not yet valid (nbf {claims.nbf})")
+    if claims.iss != issuer:
+        return WarrantRefused("warrant.issuer", f"issuer {_shown(claims.iss)} is not {issuer!r}")
+    return WarrantValid(claims)
+
+
 def check_signature(token: str, header: Mapping[str, object], keys: WarrantKeys) -> WarrantRefused | None:
     """The header checks and the signature; None when the token was signed by one of `keys`.
 
@@ -491,21 +513,7 @@ def _parse_claims(payload: Mapping[str, object]) -> tuple[WarrantClaims, frozens
         for a in raw_approvals
     )
     con = _obj(payload, "con")
-    try:
-        constraints = Constraints(
-            method=_str(con, "method", "con."),
-            scheme=_str(con, "scheme", "con."),
-            host=_str(con, "host", "con."),
-            port=_int(con, "port", "con."),
-            path=_opt_str(con, "path", "con."),
-            path_prefix=_opt_str(con, "path_prefix", "con."),
-            query=_opt_str(con, "query", "con."),
-            body_sha256=_opt_str(con, "body_sha256", "con."),
-            content_type=_opt_str(con, "content_type", "con."),
-            max_uses=_int(con, "max_uses", "con.") if "max_uses" in con else 1,
-        )
-    except ValueError as exc:
-        raise _Malformed(f"claim 'con' is invalid: {exc}") from exc
+    constraints = _constraints(con)
     claims = WarrantClaims(
         iss=_str(payload, "iss"),
         sub=_str(payload, "sub"),
@@ -525,6 +533,35 @@ def _parse_claims(payload: Mapping[str, object]) -> tuple[WarrantClaims, frozens
         sid=_opt_str(payload, "sid"),
     )
     return claims, frozenset(con) - _CONSTRAINT_KEYS
+
+
+def _constraints(con: Mapping[str, object]) -> Constraints:
+    try:
+        return Constraints(
+            method=_str(con, "method", "con."),
+            scheme=_str(con, "scheme", "con."),
+            host=_str(con, "host", "con."),
+            port=_int(con, "port", "con."),
+            path=_opt_str(con, "path", "con."),
+            path_prefix=_opt_str(con, "path_prefix", "con."),
+            query=_opt_str(con, "query", "con."),
+            body_sha256=_opt_str(con, "body_sha256", "con."),
+            content_type=_opt_str(con, "content_type", "con."),
+            max_uses=_int(con, "max_uses", "con.") if "max_uses" in con else 1,
+        )
+    except ValueError as exc:
+        raise _Malformed(f"claim 'con' is invalid: {exc}") from exc
+
+
+def constraints_from_claim(con: Mapping[str, object]) -> Constraints:
+    """Constraints from their claim form (`as_claim`); raises ValueError for anything else."""
+    unknown = set(con) - _CONSTRAINT_KEYS
+    if unknown:
+        raise ValueError(f"unknown constraint(s): {', '.join(sorted(unknown))}")
+    try:
+        return _constraints(con)
+    except _Malformed as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _shown(value: object) -> str:

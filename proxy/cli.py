@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from policy import engine
-from policy.audit import GENESIS_HASH, checkpoint_payload, verify_chain, verify_checkpoint
+from policy.audit import GENESIS_HASH, AuditEvent, checkpoint_payload, verify_chain, verify_checkpoint
 from policy.classify import classify
 from policy.normalize import AmbiguousRequest, build_request
 from policy.rules import PolicyError, RuleSet, load_rules
@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start the sidecar (proxy + control API)")
     add_run_flags(run)
 
+    from proxy.authority.service import add_authority_flags
+
+    authority = commands.add_parser(
+        "authority", help="start the fleet authority (approvals, EdDSA warrants, central audit)"
+    )
+    add_authority_flags(authority)
+
     policy = commands.add_parser("policy", help="validate a policy or explain how it treats a request")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     check = policy_commands.add_parser("check", help="validate and lint; exit 0 ok, 1 invalid")
@@ -65,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="verify or export the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     verify = audit_commands.add_parser("verify", help="check the hash chain; exit 0 intact, 1 tampered")
-    verify.add_argument("db", type=Path)
+    verify.add_argument("db", type=Path, nargs="?", help="the audit database (or --authority URL)")
+    verify.add_argument("--authority", metavar="URL", help="check every chain the authority holds instead")
+    verify.add_argument(
+        "--token", default=os.environ.get("VIENNA_TOKEN"), help="operator token [env VIENNA_TOKEN]"
+    )
     verify.add_argument("--checkpoints", type=Path, help="signed checkpoints file (default: next to the db)")
     verify.add_argument(
         "--audit-key-file", type=Path, help="key that signed the checkpoints (default: next to the db)"
@@ -100,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "authority":
+            return _authority(args)
         if args.command == "policy":
             return _policy_check(args) if args.policy_command == "check" else _policy_explain(args)
         if args.command == "audit":
@@ -245,9 +258,86 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _authority(args: argparse.Namespace) -> int:
+    from proxy.authority.db import StoreError
+    from proxy.authority.service import resolve_authority_settings, serve_authority
+    from proxy.keys import KeyError_
+    from proxy.runtime import configure_logging
+
+    configure_logging()
+    try:
+        settings = resolve_authority_settings(args, os.environ)
+        return asyncio.run(serve_authority(settings))
+    except SettingsError as exc:
+        print(f"vienna authority: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError_, StoreError) as exc:
+        print(f"vienna authority: cannot start:\n{exc}", file=sys.stderr)
+        return 1
+
+
+def _audit_verify_authority(args: argparse.Namespace) -> int:
+    """Every chain the authority holds, each checked link by link here, plus the problems it saw on arrival."""
+    base = args.authority.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    if not args.token:
+        print("an operator token is required: --token or VIENNA_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        status, body = _call("GET", base + "/v1/audit/chains", args.token)
+        if status != 200:
+            return _fail(status, body)
+        bad = 0
+        for chain in body.get("chains", []):
+            name = chain["chain"]
+            events: list[AuditEvent] = []
+            after = 0
+            while True:
+                query = urlencode({"sidecar": name, "after": after, "limit": 10000})
+                status, page = _call("GET", f"{base}/v1/audit?{query}", args.token)
+                if status != 200:
+                    return _fail(status, page)
+                batch = [
+                    AuditEvent.from_dict(item) for item in page.get("events", []) if item.get("chain") == name
+                ]
+                if not batch:
+                    break
+                events.extend(batch)
+                after = batch[-1].seq
+            report = verify_chain(events)
+            problems = int(chain.get("problems", 0))
+            if not report.ok:
+                bad += 1
+                print(f"TAMPERED: chain {name}: event seq {report.first_bad_seq}: {report.problem}")
+            elif report.count != int(chain.get("head_seq", -1)):
+                bad += 1
+                print(
+                    f"TAMPERED: chain {name}: {report.count} events served, head says {chain.get('head_seq')}"
+                )
+            elif problems:
+                bad += 1
+                latest = (chain.get("recent_problems") or [{}])[0]
+                print(
+                    f"PROBLEM: chain {name}: intact ({report.count} events) but {problems} shipped batch(es) were"
+                    f" refused on arrival; latest: seq {latest.get('seq')}: {latest.get('kind')}: {latest.get('detail')}"
+                )
+            else:
+                print(f"ok: chain {name}: {report.count} events, chain intact, head {report.head_hash[:16]}")
+        return 1 if bad else 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the authority at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from proxy.store import read_events
 
+    if args.authority:
+        return _audit_verify_authority(args)
+    if args.db is None:
+        print("give the audit database, or --authority URL --token TOKEN", file=sys.stderr)
+        return 2
     db: Path = args.db
     if not db.exists():
         print(f"{db}: no such file", file=sys.stderr)

@@ -8,12 +8,24 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from policy import approvals
 from policy.approvals import RequestStatus, WarrantRequest
-from policy.model import Decision, Request
+from policy.audit import REDACTED, SECRET_KEYS, redact
+from policy.model import Decision, Intent, Request
 from policy.rules import RuleSet
-from policy.warrants import ISSUER, Approval, WarrantClaims, WarrantKeys, constraints_for, mint, terms_for
+from policy.warrants import (
+    ISSUER,
+    Approval,
+    Constraints,
+    WarrantClaims,
+    WarrantKeys,
+    WarrantTerms,
+    constraints_for,
+    mint,
+    terms_for,
+)
 from proxy.audit_log import Recorder
 from proxy.metrics import Metrics
 from proxy.store import Store, StoredRequest, with_state
@@ -32,6 +44,35 @@ def request_fingerprint(agent: str, canonical: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+PREVIEW_BYTES = 4096
+
+
+def body_preview(body: bytes, content_type: str | None) -> str:
+    """What an operator sees of a body: at most 4 KiB, secret-named JSON and form fields redacted."""
+    if not body:
+        return ""
+    media = (content_type or "").split(";")[0].strip().lower()
+    text: str
+    try:
+        decoded = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"({len(body)} bytes, not UTF-8 text)"
+    if media.endswith("json") or media.endswith("+json"):
+        try:
+            text = json.dumps(redact(json.loads(decoded)), ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            text = decoded
+    elif media == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(decoded, keep_blank_values=True)
+        text = urlencode([(k, REDACTED if k.lower() in SECRET_KEYS else v) for k, v in pairs])
+    else:
+        text = decoded
+    encoded = text.encode("utf-8")
+    if len(encoded) <= PREVIEW_BYTES:
+        return text
+    return encoded[:PREVIEW_BYTES].decode("utf-8", "ignore") + f"… ({len(body)} bytes in all)"
+
+
 def canonical_request(request: Request) -> dict[str, Any]:
     return {
         "method": request.method,
@@ -43,6 +84,7 @@ def canonical_request(request: Request) -> dict[str, Any]:
         "body_sha256": request.body_sha256,
         "content_type": request.header("content-type"),
         "url": request.url,
+        "body_preview": body_preview(request.body, request.header("content-type")),
     }
 
 
@@ -151,32 +193,8 @@ class WarrantRequests:
 
     def _issue(self, stored: StoredRequest, now: float, revision: str) -> StoredRequest:
         state = stored.state
-        request = stored.request
-        if "method" not in request:
-            # An intent named only by action/target (POST /v1/intents without params.url) has no HTTP
-            # request to bind to. Its warrant records the approval for the SDK, and is bound to the
-            # pseudo-scheme "intent", which no proxied request has: on the data plane it opens nothing.
-            request = {
-                "method": "INTENT",
-                "scheme": "intent",
-                "host": "intent.invalid",
-                "port": 1,
-                "path": "/" + str(state.intent.action),
-                "query": "",
-                "body_sha256": None,
-            }
         terms = terms_for(state.tier, self._rules().rule(stored.rule_id))
-        bound = Request(
-            method=str(request["method"]),
-            scheme=str(request["scheme"]),
-            host=str(request["host"]),
-            port=int(request["port"]),
-            path=str(request["path"]),
-            query=str(request["query"]),
-            body_sha256=str(request["body_sha256"] or ""),
-            headers=(("content-type", str(request["content_type"])),) if request.get("content_type") else (),
-        )
-        constraints = constraints_for(bound, bind=terms.bind, max_uses=terms.max_uses)
+        constraints = warrant_constraints(stored.request, state.intent, terms)
         ttl = terms.ttl_seconds
         issued = int(now)
         claims = WarrantClaims(
@@ -248,6 +266,36 @@ class WarrantRequests:
             "url": self.url(state.id),
             "expires_at": state.expires_at,
         }
+
+
+def bound_request(request: Mapping[str, Any], intent: Intent) -> Request:
+    """The request a warrant binds to. An intent named only by action/target (POST /v1/intents
+    without params.url) has no HTTP request: its warrant records the approval for the SDK and is
+    bound to the pseudo-scheme "intent", which no proxied request has, so on the data plane it opens nothing."""
+    if "method" not in request:
+        request = {
+            "method": "INTENT",
+            "scheme": "intent",
+            "host": "intent.invalid",
+            "port": 1,
+            "path": "/" + str(intent.action),
+            "query": "",
+            "body_sha256": None,
+        }
+    return Request(
+        method=str(request["method"]),
+        scheme=str(request["scheme"]),
+        host=str(request["host"]),
+        port=int(request["port"]),
+        path=str(request["path"]),
+        query=str(request["query"]),
+        body_sha256=str(request["body_sha256"] or ""),
+        headers=(("content-type", str(request["content_type"])),) if request.get("content_type") else (),
+    )
+
+
+def warrant_constraints(request: Mapping[str, Any], intent: Intent, terms: WarrantTerms) -> Constraints:
+    return constraints_for(bound_request(request, intent), bind=terms.bind, max_uses=terms.max_uses)
 
 
 def constraints_preview(request: Request, decision: Decision, rules: RuleSet) -> dict[str, object]:

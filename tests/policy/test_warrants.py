@@ -576,7 +576,9 @@ def test_eddsa_header_refusals(header: dict[str, object], expected: str) -> None
 def test_eddsa_signed_by_another_key_or_edited_is_refused() -> None:
     other = Ed25519PrivateKey.from_private_bytes(b"f" * 32)
     header = {"alg": "EdDSA", "typ": "warrant+jwt", "kid": ED_KID}
-    assert outcome(check(ed_craft(header, payload_with(), other), keys=PUBLIC_ONLY)) == "warrant.bad_signature"
+    assert (
+        outcome(check(ed_craft(header, payload_with(), other), keys=PUBLIC_ONLY)) == "warrant.bad_signature"
+    )
     token = mint_eddsa(make_claims(), ED_PRIVATE, ED_KID)
     head, _, signature = token.split(".")
     edited = f"{head}.{b64(json.dumps(payload_with(sub='someone-else')).encode())}.{signature}"

@@ -25,6 +25,7 @@ from mitmproxy.master import Master
 from policy.rules import PolicyError, RuleSet, load_rules
 from policy.warrants import WarrantKeys
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
+from proxy.authority_client import AuthorityClient, AuthorityUnavailable
 from proxy.control.app import make_app
 from proxy.dataplane.addon import EnforcementAddon
 from proxy.dataplane.destinations import DestinationResolver, OwnListeners, upstream_ca_bundle
@@ -39,8 +40,10 @@ from proxy.keys import (
     write_ca_bundle,
 )
 from proxy.metrics import Metrics
+from proxy.passbacks import LocalPassbacks, Passbacks, RemotePassbacks
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings
+from proxy.shipping import AuditShipper
 from proxy.store import Store, StoreUnavailable
 from proxy.warrant_requests import WarrantRequests
 
@@ -78,7 +81,7 @@ class Sidecar:
 
     settings: Settings
     rules: RuleSet
-    keys: WarrantKeys
+    keys: WarrantKeys | None
     operators: Operators
     store: Store
     metrics: Metrics
@@ -86,6 +89,8 @@ class Sidecar:
     warrant_requests: WarrantRequests
     destinations: DestinationResolver
     listeners: OwnListeners
+    passbacks: Passbacks
+    authority: AuthorityClient | None = None
     sidecar_id: str = ""
     data_dir_lock: int = -1
     instance: str = field(default_factory=lambda: "vienna-" + secrets.token_hex(6))
@@ -169,7 +174,23 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
                 "no --policy given: using the built-in safe policy (reads T0, writes T2, cloud metadata denied)"
             )
         rules = read_policy(settings.policy)
-    keys = load_warrant_keys(settings.warrant_key_file, settings.data_dir)
+    authority: AuthorityClient | None = None
+    keys: WarrantKeys | None
+    if settings.authority:
+        # Authority mode: this sidecar holds public keys only (fetched from the authority), so code
+        # running here cannot mint a warrant.
+        assert settings.authority_token_file is not None
+        try:
+            token = settings.authority_token_file.read_text().strip()
+        except OSError as exc:
+            raise KeyError_(f"{settings.authority_token_file}: cannot read: {exc.strerror}") from None
+        if not token:
+            raise KeyError_(f"{settings.authority_token_file}: the authority token file is empty")
+        ca = str(settings.upstream_ca_file) if settings.upstream_ca_file else None
+        authority = AuthorityClient(settings.authority, token, ca_file=ca)
+        keys = None
+    else:
+        keys = load_warrant_keys(settings.warrant_key_file, settings.data_dir)
     sidecar_id = load_sidecar_id(settings.data_dir)
     operators = load_operators(settings.operators)
     if demo is not None and settings.operators is None:
@@ -200,10 +221,19 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         max_pending=settings.max_pending_requests,
         sidecar_id=sidecar_id,
     )
+    passbacks: Passbacks
+    if authority is not None:
+        passbacks = RemotePassbacks(
+            authority, recorder, rules=lambda: holder["sidecar"].rules, api_base_url=settings.api_base_url
+        )
+    else:
+        passbacks = LocalPassbacks(warrant_requests, store, Sidecar.clock)
     sidecar = Sidecar(
         settings=settings,
         rules=rules,
         keys=keys,
+        passbacks=passbacks,
+        authority=authority,
         operators=operators,
         store=store,
         metrics=metrics,
@@ -265,6 +295,24 @@ async def _checkpoints(sidecar: Sidecar) -> None:
                 sidecar.recorder.checkpoint()
             except (OSError, StoreUnavailable) as exc:  # anything else uncaught would end this task for good
                 log.error("audit checkpoint failed: %s", exc)
+
+
+KEYS_REFRESH_SECONDS = 60.0
+
+
+async def _keys_from_authority(sidecar: Sidecar) -> None:
+    """The authority's public keys: fetched at start (retried until it answers), then every minute,
+    so a rotated-in key is known before its first warrant arrives (an unknown kid also refetches)."""
+    assert sidecar.authority is not None
+    delay = 0.5
+    while True:
+        try:
+            sidecar.keys = await sidecar.authority.refresh_keys(force=True)
+            delay = KEYS_REFRESH_SECONDS
+        except AuthorityUnavailable as exc:
+            log.warning("cannot fetch the authority's keys yet (T2/T3 refused meanwhile): %s", exc)
+            delay = min(max(delay * 2, 0.5), 10.0)
+        await asyncio.sleep(delay)
 
 
 async def serve(settings: Settings) -> int:
@@ -349,12 +397,18 @@ async def serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()  # mitmproxy's latency spikes come from the collector walking start-up objects
     background = [asyncio.create_task(_watch_policy(sidecar)), asyncio.create_task(_checkpoints(sidecar))]
+    shipper: AuditShipper | None = None
+    if sidecar.authority is not None:
+        shipper = AuditShipper(
+            sidecar.store, sidecar.authority, chain=sidecar.sidecar_id, metrics=sidecar.metrics
+        )
+        background += [asyncio.create_task(shipper.run()), asyncio.create_task(_keys_from_authority(sidecar))]
     if demo is not None:
         proxy_url = f"http://{settings.listen_host}:{settings.listen_port}"
         lines = await asyncio.to_thread(try_every_tier, proxy_url, settings.api_base_url, demo)
         print("\n".join(lines), file=sys.stderr, flush=True)
     log.info(
-        "vienna sidecar ready: proxy %s:%d (%s), api %s, agent %s, policy %s (%s), enforcement %s",
+        "vienna sidecar ready: proxy %s:%d (%s), api %s, agent %s, policy %s (%s), enforcement %s, %s",
         settings.listen_host,
         settings.listen_port,
         settings.mode,
@@ -363,6 +417,9 @@ async def serve(settings: Settings) -> int:
         settings.policy or ("<demo policy>" if demo is not None else BUILTIN_POLICY_NAME),
         sidecar.rules.revision[:12],
         settings.enforcement,
+        f"authority {settings.authority} (chain {sidecar.sidecar_id})"
+        if settings.authority
+        else "standalone",
     )
 
     stopper = asyncio.create_task(stop.wait())
@@ -373,8 +430,15 @@ async def serve(settings: Settings) -> int:
     master.shutdown()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(master_task, 10)
+    if shipper is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(shipper.ship_once(), 5)  # what was recorded last, while it can still go
     for task in background:
         task.cancel()
+    if shipper is not None:
+        shipper.close()
+    if sidecar.authority is not None:
+        await sidecar.authority.close()
     await runner.cleanup()
     if demo is not None:
         await demo.runner.cleanup()

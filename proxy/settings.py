@@ -47,6 +47,8 @@ class Settings:
     checkpoint_seconds: float
     public_api_url: str | None
     demo: bool = False
+    authority: str | None = None
+    authority_token_file: Path | None = None
 
     @property
     def upstream_proxy_address(self) -> tuple[str, int] | None:
@@ -111,6 +113,12 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("checkpoint-every", "1000", "sign an audit checkpoint every N events"),
     ("checkpoint-seconds", "60", "and at least every T seconds when events were added"),
     ("public-api-url", None, "API base URL to put in passback bodies (default: from --api)"),
+    (
+        "authority",
+        None,
+        "URL of `vienna authority`: warrant requests, warrants and single use there; audit shipped there",
+    ),
+    ("authority-token-file", None, "file holding this sidecar's token for --authority"),
     (
         "demo",
         "false",
@@ -193,6 +201,12 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
     if raw["upstream-proxy"]:
         parse_upstream_proxy(str(raw["upstream-proxy"]))
     api_host, api_port = _address(str(raw["api"]), "api")
+    authority = raw["authority"]
+    if authority:
+        if not authority.startswith(("http://", "https://")):
+            raise SettingsError(f"--authority: {authority!r} must be an http:// or https:// URL")
+        if not raw["authority-token-file"]:
+            raise SettingsError("--authority needs --authority-token-file (this sidecar's token)")
     return Settings(
         policy=path("policy"),
         listen_host=listen_host,
@@ -225,4 +239,6 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         checkpoint_seconds=_number(str(raw["checkpoint-seconds"]), "checkpoint-seconds", minimum=0.1),
         public_api_url=raw["public-api-url"],
         demo=_flag_bool(str(raw["demo"]), "demo"),
+        authority=authority.rstrip("/") if authority else None,
+        authority_token_file=path("authority-token-file"),
     )

@@ -95,7 +95,7 @@ class WarrantRequests:
         recorder: Recorder,
         metrics: Metrics,
         *,
-        keys: WarrantKeys,
+        keys: WarrantKeys | None,
         rules: Callable[[], RuleSet],
         api_base_url: str,
         pending_ttl: float,
@@ -215,6 +215,8 @@ class WarrantRequests:
             wrq=state.id,
             sid=self.sidecar_id,
         )
+        if self.keys is None:
+            raise RuntimeError("this sidecar holds no warrant key: warrants are minted by its authority")
         token = mint(claims, self.keys)
         self.recorder.record(
             "warrant",

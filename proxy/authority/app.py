@@ -524,6 +524,7 @@ async def open_warrant_request(request: web.Request) -> web.Response:
             "denied",
             f"this agent already has {authority.max_pending} pending warrant requests; wait for operators",
             reason_code="warrant_request.limit",
+            limit=authority.max_pending,
         )
     row, created = opened
     authority.metrics.requests_opened.labels(result="created" if created else "reused").inc()

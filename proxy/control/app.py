@@ -15,6 +15,7 @@ from policy.approvals import ApprovalError
 from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body
+from proxy.authority_client import AuthorityUnavailable
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
@@ -83,13 +84,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
-    body = {
+    body: dict[str, object] = {
         "status": "ready" if sidecar.ready else "not_ready",
         "policy_revision": sidecar.rules.revision,
         "policy_rules": len(sidecar.rules.rules),
         "proxy_listening": sidecar.proxy_listening,
         "api_listening": sidecar.api_listening,
     }
+    if sidecar.authority is not None:
+        body["authority"] = {"url": sidecar.authority.base_url, "keys_known": sidecar.keys is not None}
     return web.json_response(body, status=200 if sidecar.ready else 503)
 
 
@@ -178,12 +181,14 @@ async def submit_intent(request: web.Request) -> web.Response:
         else {"action": action, "target": target, "params": params}
     )
     try:
-        stored = sidecar.warrant_requests.open(
+        opened = await sidecar.passbacks.open(
             agent=sidecar.settings.agent_id, decision=decision, canonical=canonical
         )
     except PendingLimit as full:
         return _error(429, "denied", str(full), reason_code="warrant_request.limit")
-    summary = sidecar.warrant_requests.summary(stored)
+    except AuthorityUnavailable as exc:
+        return _authority_down(exc)
+    summary = opened.summary
     answer: dict[str, Any] = {
         "mode": "passback",
         "status": "approved" if summary["status"] == "approved" else "pending_approval",
@@ -198,9 +203,9 @@ async def submit_intent(request: web.Request) -> web.Response:
         "constraints": constraints_preview(http_request, decision, rules) if http_request is not None else {},
         "warrant_request": summary,
     }
-    if stored.warrant is not None and summary["status"] == "approved":
-        answer["warrant_id"] = stored.warrant_id
-        answer["warrant"] = stored.warrant
+    if opened.warrant is not None:
+        answer["warrant_id"] = opened.warrant_id
+        answer["warrant"] = opened.warrant
     return web.json_response(answer)
 
 
@@ -228,10 +233,34 @@ def _params_request(params: dict[str, Any]) -> Any:
 
 async def get_warrant_request(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
-    stored = sidecar.store.get_request(request.match_info["id"])
-    if stored is None:
+    try:
+        view = await sidecar.passbacks.read(request.match_info["id"])
+    except AuthorityUnavailable as exc:
+        return _authority_down(exc)
+    if view is None:
         return _error(404, "not_found", "no such warrant request")
-    return web.json_response(sidecar.warrant_requests.view(stored, include_warrant=True))
+    return web.json_response(view)
+
+
+def _authority_down(exc: Exception) -> web.Response:
+    return _error(
+        503,
+        "unavailable",
+        f"the authority cannot be reached; warrant requests wait there: {exc}",
+        reason_code="authority.unavailable",
+    )
+
+
+def _decided_at_authority(sidecar: Sidecar) -> web.Response | None:
+    if sidecar.settings.authority is None:
+        return None
+    return _error(
+        409,
+        "authority_mode",
+        f"this sidecar's warrant requests are listed and decided at its authority, {sidecar.settings.authority}",
+        reason_code="authority.mode",
+        authority=sidecar.settings.authority,
+    )
 
 
 async def list_warrant_requests(request: web.Request) -> web.Response:
@@ -239,6 +268,9 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
     who = _operator(request)
     if isinstance(who, web.Response):
         return who
+    elsewhere = _decided_at_authority(sidecar)
+    if elsewhere is not None:
+        return elsewhere
     status = request.query.get("status")
     if status is not None and status not in ("pending", "approved", "denied", "expired"):
         raise _BadRequest("status must be pending, approved, denied or expired")
@@ -266,6 +298,9 @@ async def _vote(request: web.Request, approve: bool) -> web.Response:
     operator = _operator(request)
     if isinstance(operator, web.Response):
         return operator
+    elsewhere = _decided_at_authority(sidecar)
+    if elsewhere is not None:
+        return elsewhere
     body = await _json_body(request)
     justification = body.get("justification", "")
     if not isinstance(justification, str):

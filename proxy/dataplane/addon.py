@@ -33,6 +33,7 @@ from policy.normalize import (
     parse_authority,
 )
 from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
+from proxy.authority_client import AuthorityUnavailable
 from proxy.dataplane import patches
 from proxy.dataplane.exchange import Exchange, ExchangeWatch
 from proxy.dataplane.pinning import AddressPins
@@ -345,6 +346,27 @@ class EnforcementAddon:
             now=sidecar.clock(),
             sidecar=sidecar.sidecar_id,
         )
+        if (
+            warrant is not None
+            and sidecar.authority is not None
+            and decision.reason_code in ("warrant.unknown_key", "warrant.no_keys")
+        ):
+            # Authority mode: a key id we do not hold may be a key the authority rotated in; ask it
+            # (at most once a second), then decide again. Unreachable: refused, never let through.
+            try:
+                sidecar.keys = await sidecar.authority.refresh_keys()
+            except AuthorityUnavailable as exc:
+                self._refuse_with(flow, request, decision, decision_id, started, _authority_down(exc))
+                return
+            decision = engine.decide(
+                request,
+                rules=rules,
+                warrant=warrant,
+                agent=sidecar.settings.agent_id,
+                keys=sidecar.keys,
+                now=sidecar.clock(),
+                sidecar=sidecar.sidecar_id,
+            )
         if self._is_loop(request):
             self._refuse_with(flow, request, decision, decision_id, started, _loop_refusal(request))
             return
@@ -366,11 +388,17 @@ class EnforcementAddon:
             return
         status, label, extra_headers, warrant_request = 200, decision.verdict.value, {}, None
         if decision.verdict is Verdict.ALLOW and decision.warrant_id is not None:
-            if not sidecar.store.consume_warrant(
-                decision.warrant_id, decision.warrant_max_uses, sidecar.clock()
-            ):
+            assert warrant is not None
+            try:
+                not_consumed = await sidecar.passbacks.consume(
+                    decision.warrant_id, decision.warrant_max_uses, warrant
+                )
+            except AuthorityUnavailable as exc:
+                self._refuse_with(flow, request, decision, decision_id, started, _authority_down(exc))
+                return
+            if not_consumed is not None:
                 decision = _replace_verdict(
-                    decision, Verdict.WARRANT_INVALID, "warrant.replayed", "warrant already used up (replay)"
+                    decision, Verdict.WARRANT_INVALID, not_consumed.code, not_consumed.reason
                 )
                 label = decision.verdict.value
         elif decision.verdict is Verdict.ALLOW and decision.tier is Tier.T1:
@@ -381,14 +409,17 @@ class EnforcementAddon:
         if decision.verdict is Verdict.WARRANT_REQUIRED and not sidecar.settings.dryrun:
             # (in dryrun the request is forwarded anyway: operators get no request to approve)
             try:
-                stored = sidecar.warrant_requests.open(
+                opened = await sidecar.passbacks.open(
                     agent=sidecar.settings.agent_id, decision=decision, canonical=canonical_request(request)
                 )
             except PendingLimit as full:
                 limit = _Refusal(429, "denied", "warrant_request.limit", str(full))
                 self._refuse_with(flow, request, decision, decision_id, started, limit, label="rate_limited")
                 return
-            warrant_request = sidecar.warrant_requests.summary(stored)
+            except AuthorityUnavailable as exc:
+                self._refuse_with(flow, request, decision, decision_id, started, _authority_down(exc))
+                return
+            warrant_request = opened.summary
 
         if warrant is not None and decision.tier.needs_warrant:
             valid = decision.verdict is Verdict.ALLOW
@@ -864,6 +895,15 @@ def _transfer_codings(request: http.Request) -> list[str]:
 
 def _body_too_large(limit: int) -> _Refusal:
     return _Refusal(413, "bad_request", "request.body_too_large", f"request body over the {limit}-byte limit")
+
+
+def _authority_down(exc: Exception) -> _Refusal:
+    return _Refusal(
+        503,
+        "unavailable",
+        "authority.unavailable",
+        f"this request needs the authority, which cannot be reached; refused (fail closed): {exc}",
+    )
 
 
 def _loop_refusal(request: Request) -> _Refusal:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.authority.postgres import fresh_database, postgres_server
+from tests.integration.harness import Upstream
 
 _FOUND: dict[str, str | None] = {}
 
@@ -37,3 +38,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     admin = request.getfixturevalue("pg_admin")
     with fresh_database(admin) as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    server.start()
+    yield server
+    server.stop()

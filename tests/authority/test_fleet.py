@@ -1,0 +1,207 @@
+"""The fleet, with real parts: `vienna authority` processes (SQLite, and several on one PostgreSQL),
+real `vienna run` sidecars in authority mode, a real upstream, real clients."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from policy.audit import AuditEvent, verify_chain
+from proxy.store import read_events
+from tests.authority.harness import (
+    OTHER_TOKEN,
+    SIDECAR_TOKENS,
+    VIENNA,
+    Authority,
+    sidecar_args,
+    write_operators,
+    write_signing_key,
+)
+from tests.integration.harness import AGENT_ID, TOKENS, Sidecar, Upstream, clean_env, new_session
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Iterator[Authority]:
+    server = Authority(
+        tmp_path / "authority",
+        store=f"sqlite:///{tmp_path}/authority/store/authority.db",
+        signing_key=write_signing_key(tmp_path / "signing.pem"),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_sidecar(workdir: Path, authority: Authority, name: str = "sc1", **options: Any) -> Sidecar:
+    sidecar = Sidecar(workdir, args=sidecar_args(authority, workdir.parent / f"{workdir.name}.token", name), **options)
+    sidecar.start()
+    return sidecar
+
+
+def jwt_header(token: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    return value
+
+
+def local_events(sidecar: Sidecar) -> list[AuditEvent]:
+    return list(read_events(sidecar.data_dir / "audit.db"))
+
+
+def test_passback_is_approved_at_the_authority_and_forwarded_exactly_once(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    sidecar = start_sidecar(tmp_path / "sc1", authority)
+    try:
+        url = upstream.url("/repos/acme/app")
+        refused = sidecar.request("DELETE", url)
+        assert refused.status_code == 403, refused.text
+        passback = refused.json()["warrant_request"]
+        request_id = passback["id"]
+        # The agent polls its own sidecar, never the authority.
+        assert passback["url"] == f"{sidecar.api_url}/v1/warrant-requests/{request_id}"
+        # Operators see it at the authority, with the sidecar and the exact request.
+        listed = authority.api("GET", "/v1/warrant-requests?status=pending", token=TOKENS["alice"]).json()
+        assert [item["id"] for item in listed] == [request_id]
+        assert listed[0]["sidecar"] == "sc1" and listed[0]["agent"] == AGENT_ID
+        assert listed[0]["request"]["method"] == "DELETE" and listed[0]["request"]["url"] == url
+        # The sidecar itself decides nothing: its operator routes point at the authority.
+        elsewhere = sidecar.api("GET", "/v1/warrant-requests", token=TOKENS["alice"])
+        assert elsewhere.status_code == 409 and elsewhere.json()["reason_code"] == "authority.mode"
+        # `vienna approvals` works unchanged against the authority.
+        cli = subprocess.run(
+            [str(VIENNA), "approvals", "approve", request_id, "--api", authority.url, "--token", TOKENS["alice"],
+             "--justification", "ticket 42"],
+            capture_output=True, text=True, env=clean_env(), timeout=30,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert authority.approve(request_id, "bob").status_code == 200
+        status = sidecar.get_request(request_id)
+        assert status["status"] == "approved"
+        warrant = status["warrant"]
+        assert jwt_header(warrant)["alg"] == "EdDSA"
+        assert sidecar.request("DELETE", url, warrant=warrant).status_code == 200
+        replay = sidecar.request("DELETE", url, warrant=warrant)
+        assert replay.status_code == 403 and replay.json()["reason_code"] == "warrant.replayed"
+        assert len(upstream.seen("/repos/acme/app")) == 1
+        # No signing material in the sidecar's data dir.
+        assert not (sidecar.data_dir / "warrant.key").exists()
+        ready = sidecar.http.get(sidecar.api_url + "/readyz", timeout=5).json()
+        assert ready["authority"] == {"url": authority.url, "keys_known": True}
+    finally:
+        sidecar.stop()
+
+
+def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_path: Path, pg_dsn: str) -> None:
+    operators = {f"op{n:02d}": f"operator-{n:02d}-token-" + "x" * 24 for n in range(50)}
+    files = tmp_path / "files"
+    files.mkdir()
+    operators_file = write_operators(files / "operators.yaml", {**operators, "alice": TOKENS["alice"]})
+    key = write_signing_key(files / "signing.pem")
+    replicas = [
+        Authority(tmp_path / f"replica{n}", store=pg_dsn, signing_key=key, operators=operators_file) for n in (1, 2)
+    ]
+    for replica in replicas:
+        replica.start()
+    try:
+        opened = replicas[0].api(
+            "POST",
+            "/v1/sidecar/warrant-requests",
+            token=SIDECAR_TOKENS["sc1"],
+            body={
+                "agent": AGENT_ID,
+                "tier": "T3",
+                "intent": {"action": "repo.delete", "target": "acme/app", "rule": "delete-repo"},
+                "request": {"method": "DELETE", "url": "https://api.example.com/repos/acme/app"},
+                "constraints": {"method": "DELETE", "scheme": "https", "host": "api.example.com", "port": 443,
+                                "path": "/repos/acme/app", "max_uses": 1},  # fmt: skip
+                "terms": {"ttl_seconds": 300},
+            },
+        )
+        assert opened.status_code == 201, opened.text
+        request_id = opened.json()["id"]
+        barrier = threading.Barrier(50)
+
+        def approve(n: int) -> int:
+            session = new_session()
+            barrier.wait()
+            answer = session.post(
+                f"{replicas[n % 2].url}/v1/warrant-requests/{request_id}/approve",
+                headers={"Authorization": f"Bearer {operators[f'op{n:02d}']}"},
+                json={"justification": "all hands"},
+                timeout=60,
+            )
+            return answer.status_code
+
+        with ThreadPoolExecutor(50) as pool:
+            statuses = list(pool.map(approve, range(50)))
+        assert statuses.count(200) == 2, statuses  # T3: exactly the quorum counted
+        assert set(statuses) == {200, 409}, statuses
+        warrants = {replica.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"] for replica in replicas}
+        assert len(warrants) == 1  # both replicas hand out the one warrant
+        own = [e for e in replicas[1].events("authority") if e["payload"].get("warrant_request_id") == request_id]
+        assert [e["type"] for e in own].count("warrant") == 1
+        assert [e["type"] for e in own].count("approval") == 2
+        assert verify_chain(AuditEvent.from_dict(e) for e in replicas[0].events("authority")).ok
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_a_max_uses_1_warrant_used_through_five_sidecars_at_once_reaches_the_upstream_once(
+    tmp_path: Path, pg_dsn: str, upstream: Upstream
+) -> None:
+    key = write_signing_key(tmp_path / "signing.pem")
+    replicas = [Authority(tmp_path / f"replica{n}", store=pg_dsn, signing_key=key) for n in (1, 2)]
+    for replica in replicas:
+        replica.start()
+    sidecars: list[Sidecar] = []
+    try:
+        for n in range(1, 6):
+            sidecars.append(start_sidecar(tmp_path / f"sc{n}", replicas[n % 2], name=f"sc{n}"))
+        url = upstream.url("/items/fleet-once")
+        refused = sidecars[0].request("PUT", url, data=b"payload")
+        assert refused.status_code == 403, refused.text
+        request_id = refused.json()["warrant_request"]["id"]
+        assert replicas[1].approve(request_id, "alice").status_code == 200
+        warrant = sidecars[0].get_request(request_id)["warrant"]
+        barrier = threading.Barrier(5)
+
+        def use(sidecar: Sidecar) -> tuple[int, str | None]:
+            session = new_session(sidecar.proxy_url)
+            barrier.wait()
+            answer = session.put(url, data=b"payload", headers={"Vienna-Warrant": warrant}, timeout=60)
+            return answer.status_code, answer.json().get("reason_code") if answer.status_code != 200 else None
+
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(use, sidecars))
+        assert sorted(status for status, _ in results) == [200, 403, 403, 403, 403], results
+        assert {code for status, code in results if status == 403} == {"warrant.replayed"}
+        assert len(upstream.seen("/items/fleet-once")) == 1
+    finally:
+        for sidecar in sidecars:
+            sidecar.stop()
+        for replica in replicas:
+            replica.stop()

@@ -204,9 +204,14 @@ async def _errors(
 async def _json(request: web.Request, limit: int = MAX_JSON) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         return _raise_too_large(limit)
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        return _raise_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():  # a chunked body has no Content-Length to trust
+        size += len(chunk)
+        if size > limit:
+            return _raise_too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:

@@ -106,7 +106,9 @@ class Authority:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"vienna authority exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+                pytest.fail(
+                    f"vienna authority exited with {self.process.returncode}:\n{self.log_text()[-3000:]}"
+                )
             with contextlib.suppress(requests.RequestException):
                 if self.http.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return
@@ -146,9 +148,14 @@ class Authority:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         return self.http.request(method, self.url + path, headers=headers, json=body, timeout=30)
 
-    def approve(self, request_id: str, who: str, justification: str = "approved in the test") -> requests.Response:
+    def approve(
+        self, request_id: str, who: str, justification: str = "approved in the test"
+    ) -> requests.Response:
         return self.api(
-            "POST", f"/v1/warrant-requests/{request_id}/approve", token=TOKENS[who], body={"justification": justification}
+            "POST",
+            f"/v1/warrant-requests/{request_id}/approve",
+            token=TOKENS[who],
+            body={"justification": justification},
         )
 
     def chains(self) -> dict[str, dict[str, Any]]:
@@ -160,7 +167,9 @@ class Authority:
         found: list[dict[str, Any]] = []
         after = 0
         while True:
-            page = self.api("GET", f"/v1/audit?sidecar={chain}&after={after}&limit=10000", token=TOKENS["alice"])
+            page = self.api(
+                "GET", f"/v1/audit?sidecar={chain}&after={after}&limit=10000", token=TOKENS["alice"]
+            )
             assert page.status_code == 200, page.text
             events = page.json()["events"]
             if not events:

@@ -56,7 +56,9 @@ def authority(tmp_path: Path) -> Iterator[Authority]:
 
 
 def start_sidecar(workdir: Path, authority: Authority, name: str = "sc1", **options: Any) -> Sidecar:
-    sidecar = Sidecar(workdir, args=sidecar_args(authority, workdir.parent / f"{workdir.name}.token", name), **options)
+    sidecar = Sidecar(
+        workdir, args=sidecar_args(authority, workdir.parent / f"{workdir.name}.token", name), **options
+    )
     sidecar.start()
     return sidecar
 
@@ -121,7 +123,8 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
     operators_file = write_operators(files / "operators.yaml", {**operators, "alice": TOKENS["alice"]})
     key = write_signing_key(files / "signing.pem")
     replicas = [
-        Authority(tmp_path / f"replica{n}", store=pg_dsn, signing_key=key, operators=operators_file) for n in (1, 2)
+        Authority(tmp_path / f"replica{n}", store=pg_dsn, signing_key=key, operators=operators_file)
+        for n in (1, 2)
     ]
     for replica in replicas:
         replica.start()
@@ -135,8 +138,14 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
                 "tier": "T3",
                 "intent": {"action": "repo.delete", "target": "acme/app", "rule": "delete-repo"},
                 "request": {"method": "DELETE", "url": "https://api.example.com/repos/acme/app"},
-                "constraints": {"method": "DELETE", "scheme": "https", "host": "api.example.com", "port": 443,
-                                "path": "/repos/acme/app", "max_uses": 1},  # fmt: skip
+                "constraints": {
+                    "method": "DELETE",
+                    "scheme": "https",
+                    "host": "api.example.com",
+                    "port": 443,
+                    "path": "/repos/acme/app",
+                    "max_uses": 1,
+                },  # fmt: skip
                 "terms": {"ttl_seconds": 300},
             },
         )
@@ -159,9 +168,13 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
             statuses = list(pool.map(approve, range(50)))
         assert statuses.count(200) == 2, statuses  # T3: exactly the quorum counted
         assert set(statuses) == {200, 409}, statuses
-        warrants = {replica.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"] for replica in replicas}
+        warrants = {
+            replica.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"] for replica in replicas
+        }
         assert len(warrants) == 1  # both replicas hand out the one warrant
-        own = [e for e in replicas[1].events("authority") if e["payload"].get("warrant_request_id") == request_id]
+        own = [
+            e for e in replicas[1].events("authority") if e["payload"].get("warrant_request_id") == request_id
+        ]
         assert [e["type"] for e in own].count("warrant") == 1
         assert [e["type"] for e in own].count("approval") == 2
         assert verify_chain(AuditEvent.from_dict(e) for e in replicas[0].events("authority")).ok
@@ -205,3 +218,220 @@ def test_a_max_uses_1_warrant_used_through_five_sidecars_at_once_reaches_the_ups
             sidecar.stop()
         for replica in replicas:
             replica.stop()
+
+
+def test_authority_killed_mid_traffic_fails_t2_t3_closed_and_loses_no_audit_event(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    sidecar = start_sidecar(tmp_path / "sc1", authority)
+    stop = threading.Event()
+    t0_statuses: list[int] = []
+
+    def traffic() -> None:
+        session = new_session(sidecar.proxy_url)
+        while not stop.is_set():
+            t0_statuses.append(session.get(upstream.url("/reads/during-outage"), timeout=30).status_code)
+
+    worker = threading.Thread(target=traffic)
+    try:
+        url = upstream.url("/items/after-outage")
+        refused = sidecar.request("PUT", url, data=b"x")
+        request_id = refused.json()["warrant_request"]["id"]
+        assert authority.approve(request_id, "alice").status_code == 200
+        warrant = sidecar.get_request(request_id)["warrant"]
+        worker.start()
+        wait_for(lambda: len(t0_statuses) > 20, "T0 traffic")
+        authority.kill()
+        during = len(t0_statuses)
+        # T2/T3 fail closed: a new passback cannot be opened, a warrant cannot be consumed.
+        for answer in (
+            sidecar.request("DELETE", upstream.url("/repos/acme/outage")),
+            sidecar.request("PUT", url, data=b"x", warrant=warrant),
+        ):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["reason_code"] == "authority.unavailable"
+        status = sidecar.api("GET", f"/v1/warrant-requests/{request_id}")
+        assert status.status_code == 503 and status.json()["reason_code"] == "authority.unavailable"
+        wait_for(lambda: len(t0_statuses) > during + 20, "T0 traffic while the authority is down")
+        assert upstream.seen("/items/after-outage") == []
+        authority.start()  # same port, same store, same key
+        answer = sidecar.request("PUT", url, data=b"x", warrant=warrant)
+        assert answer.status_code == 200, answer.text  # recovered: the unused warrant is consumed now
+        assert sidecar.request("DELETE", upstream.url("/repos/acme/outage")).status_code == 403
+        stop.set()
+        worker.join(60)
+        assert set(t0_statuses) == {200}, "T0 is never affected by the authority"
+        chain = f"sc1/{(sidecar.data_dir / 'sidecar.id').read_text().strip()}"
+        wait_for(
+            lambda: authority.chains().get(chain, {}).get("head_seq") == len(local_events(sidecar)),
+            "every local event shipped",
+            timeout=60,
+        )
+        shipped = [AuditEvent.from_dict(e) for e in authority.events(chain)]
+        local = local_events(sidecar)
+        assert [e.hash for e in shipped] == [e.hash for e in local]  # nothing lost, nothing twice
+        assert verify_chain(shipped).ok and authority.chains()[chain]["problems"] == 0
+        verify = subprocess.run(
+            [str(VIENNA), "audit", "verify", "--authority", authority.url, "--token", TOKENS["alice"]],
+            capture_output=True, text=True, env=clean_env(), timeout=60,
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert f"ok: chain {chain}: {len(local)} events" in verify.stdout
+    finally:
+        stop.set()
+        if worker.is_alive():
+            worker.join(60)
+        sidecar.stop()
+
+
+def test_a_sidecar_token_acts_only_for_its_listed_agents(authority: Authority) -> None:
+    body = {
+        "agent": AGENT_ID,  # "other" is listed for someone-else only
+        "tier": "T2",
+        "intent": {"action": "x", "target": ""},
+        "request": {"method": "PUT"},
+        "constraints": {
+            "method": "PUT",
+            "scheme": "https",
+            "host": "h",
+            "port": 443,
+            "path": "/",
+            "max_uses": 1,
+        },
+        "terms": {"ttl_seconds": 60},
+    }
+    opened = authority.api("POST", "/v1/sidecar/warrant-requests", token=OTHER_TOKEN, body=body)
+    assert opened.status_code == 403 and opened.json()["reason_code"] == "sidecar.agent_not_allowed"
+    # A warrant for the agent, minted for sc1's request, cannot be consumed by `other` either.
+    request_id = authority.api(
+        "POST", "/v1/sidecar/warrant-requests", token=SIDECAR_TOKENS["sc1"], body=body
+    ).json()["id"]
+    assert authority.approve(request_id, "alice").status_code == 200
+    warrant = authority.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"]
+    consumed = authority.api("POST", "/v1/warrants/consume", token=OTHER_TOKEN, body={"warrant": warrant})
+    assert consumed.status_code == 403 and consumed.json()["reason_code"] == "sidecar.agent_not_allowed"
+    # Nor ship audit events in that agent's name.
+    event = {"seq": 1, "ts": 1.0, "type": "decision", "agent": AGENT_ID, "policy_revision": "r", "payload": {},
+             "prev_hash": "0" * 64, "hash": "1" * 64}  # fmt: skip
+    shipped = authority.api(
+        "POST", "/v1/audit/events", token=OTHER_TOKEN, body={"chain": "x", "events": [event]}
+    )
+    assert shipped.status_code == 403
+    # The operator routes are not sidecar routes, and the sidecar routes need a sidecar token.
+    assert authority.api("GET", "/v1/warrant-requests", token=SIDECAR_TOKENS["sc1"]).status_code == 401
+    assert (
+        authority.api("POST", "/v1/sidecar/warrant-requests", token=TOKENS["alice"], body=body).status_code
+        == 401
+    )
+    assert authority.api("POST", "/v1/warrants/consume", body={"warrant": warrant}).status_code == 401
+
+
+def _hs256(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def test_forged_hs256_warrants_signed_with_the_public_key_are_refused(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    sidecar = start_sidecar(tmp_path / "sc1", authority)
+    try:
+        url = upstream.url("/items/forged")
+        refused = sidecar.request("PUT", url, data=b"x")
+        request_id = refused.json()["warrant_request"]["id"]
+        assert authority.approve(request_id, "alice").status_code == 200
+        genuine = sidecar.get_request(request_id)["warrant"]
+        payload = json.loads(base64.urlsafe_b64decode(genuine.split(".")[1] + "=="))
+        jwks = authority.api("GET", "/v1/keys").json()["keys"]
+        kid = jwks[0]["kid"]
+        raw = base64.urlsafe_b64decode(jwks[0]["x"] + "==")
+        pem = (
+            serialization.load_pem_private_key(authority.signing_key.read_bytes(), password=None)
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        payload["con"]["max_uses"] = 100
+        forgeries = [
+            _hs256({"alg": "HS256", "typ": "warrant+jwt", "kid": kid}, payload, raw),
+            _hs256({"alg": "HS256", "typ": "warrant+jwt", "kid": kid}, payload, pem),
+            _hs256({"alg": "HS256", "typ": "warrant+jwt"}, payload, pem),
+            _hs256({"alg": "HS256", "typ": "warrant+jwt", "kid": kid}, payload, jwks[0]["x"].encode()),
+        ]
+        for forged in forgeries:
+            answer = sidecar.request("PUT", url, data=b"x", warrant=forged)
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["reason_code"] == "warrant.algorithm", answer.text
+            at_authority = authority.api(
+                "POST", "/v1/warrants/consume", token=SIDECAR_TOKENS["sc1"], body={"warrant": forged}
+            )
+            assert (
+                at_authority.status_code == 403 and at_authority.json()["reason_code"] == "warrant.algorithm"
+            )
+        assert upstream.seen("/items/forged") == []
+        assert sidecar.request("PUT", url, data=b"x", warrant=genuine).status_code == 200
+    finally:
+        sidecar.stop()
+
+
+def test_central_audit_reports_bad_links_and_verify_catches_tampering(
+    tmp_path: Path, authority: Authority
+) -> None:
+    from policy.audit import link
+
+    events = []
+    prev = "0" * 64
+    for seq in range(1, 4):
+        event = link(
+            prev_hash=prev,
+            seq=seq,
+            ts=float(seq),
+            type="decision",
+            agent=AGENT_ID,
+            policy_revision="r",
+            payload={"n": seq},
+        )
+        events.append(event.as_dict())
+        prev = event.hash
+    token = SIDECAR_TOKENS["sc2"]
+    ok = authority.api("POST", "/v1/audit/events", token=token, body={"chain": "c1", "events": events[:2]})
+    assert ok.status_code == 200 and ok.json()["head_seq"] == 2
+    edited = {**events[2], "payload": {"n": 999}}
+    bad = authority.api("POST", "/v1/audit/events", token=token, body={"chain": "c1", "events": [edited]})
+    assert bad.status_code == 409 and bad.json()["reason_code"] == "audit.edited"
+    gap = authority.api("POST", "/v1/audit/events", token=token, body={"chain": "c2", "events": events[1:]})
+    assert gap.status_code == 409 and gap.json()["reason_code"] == "audit.sequence_gap"
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VIENNA), "audit", "verify", "--authority", authority.url, "--token", TOKENS["alice"]],
+            capture_output=True, text=True, env=clean_env(), timeout=60,
+        )  # fmt: skip
+
+    reported = verify()
+    assert reported.returncode == 1
+    assert "PROBLEM: chain sc2/c1" in reported.stdout and "edited" in reported.stdout
+    # Tampering with what the authority stores is caught link by link.
+    import sqlite3
+
+    db = sqlite3.connect(authority.store.removeprefix("sqlite:///"))
+    db.execute("UPDATE audit_events SET payload = '{\"n\":7}' WHERE chain = 'authority' AND seq = 1")
+    db.commit()
+    db.close()
+    opened = authority.api(
+        "POST",
+        "/v1/sidecar/warrant-requests",
+        token=SIDECAR_TOKENS["sc1"],
+        body={"agent": AGENT_ID, "tier": "T2", "intent": {"action": "x", "target": ""}, "request": {"method": "PUT"},
+              "constraints": {"method": "PUT", "scheme": "https", "host": "h", "port": 443, "max_uses": 1},
+              "terms": {"ttl_seconds": 60}},
+    )  # fmt: skip
+    assert opened.status_code == 201
+    db = sqlite3.connect(authority.store.removeprefix("sqlite:///"))
+    db.execute("UPDATE audit_events SET payload = '{\"n\":7}' WHERE chain = 'authority' AND seq = 1")
+    db.commit()
+    db.close()
+    tampered = verify()
+    assert tampered.returncode == 1 and "TAMPERED: chain authority: event seq 1: edited" in tampered.stdout

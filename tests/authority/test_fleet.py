@@ -145,7 +145,7 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
                     "port": 443,
                     "path": "/repos/acme/app",
                     "max_uses": 1,
-                },  # fmt: skip
+                },
                 "terms": {"ttl_seconds": 300},
             },
         )

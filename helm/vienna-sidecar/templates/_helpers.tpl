@@ -128,6 +128,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "mode=transparent: agent.securityContext.runAsUser (%d) must differ from sidecar.uid (%d), or the agent's traffic is not redirected" (int $uid) (int .Values.sidecar.uid)) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.authority.url (not .Values.authority.tokenSecret.name) }}
+{{- fail "authority.url needs authority.tokenSecret.name: a Secret holding this sidecar's token for the authority" }}
+{{- end }}
 {{- if and .Values.persistence.enabled (gt (int .Values.replicaCount) 1) }}
 {{- fail "persistence.enabled needs replicaCount: 1 (one data dir per sidecar; a ReadWriteOnce claim cannot be shared)" }}
 {{- end }}
@@ -204,6 +207,15 @@ vienna-sidecar.volumes — the pod volumes the sidecar needs (a YAML list of Vol
       - key: {{ .Values.policy.key }}
         path: policy.yaml
 {{- end }}
+{{- if .Values.authority.url }}
+- name: vienna-authority-token
+  secret:
+    secretName: {{ .Values.authority.tokenSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.authority.tokenSecret.key }}
+        path: token
+{{- else }}
 - name: vienna-warrant-key
   secret:
     secretName: {{ include "vienna-sidecar.warrantKeySecretName" . }}
@@ -211,6 +223,7 @@ vienna-sidecar.volumes — the pod volumes the sidecar needs (a YAML list of Vol
     items:
       - key: {{ .Values.warrantKey.key }}
         path: warrant.key
+{{- end }}
 - name: vienna-audit-key
   secret:
     secretName: {{ include "vienna-sidecar.auditKeySecretName" . }}
@@ -287,8 +300,15 @@ image's defaults.
     - name: VIENNA_POLICY
       value: {{ printf "%s/policy.yaml" (include "vienna-sidecar.policyDir" .) | quote }}
     {{- end }}
+    {{- if .Values.authority.url }}
+    - name: VIENNA_AUTHORITY
+      value: {{ .Values.authority.url | quote }}
+    - name: VIENNA_AUTHORITY_TOKEN_FILE
+      value: {{ printf "%s/authority-token/token" $secrets | quote }}
+    {{- else }}
     - name: VIENNA_WARRANT_KEY_FILE
       value: {{ printf "%s/warrant-key/warrant.key" $secrets | quote }}
+    {{- end }}
     - name: VIENNA_AUDIT_KEY_FILE
       value: {{ printf "%s/audit-key/audit.key" $secrets | quote }}
     {{- if include "vienna-sidecar.hasOperators" . }}
@@ -380,9 +400,15 @@ image's defaults.
       mountPath: {{ include "vienna-sidecar.policyDir" . }}
       readOnly: true
     {{- end }}
+    {{- if .Values.authority.url }}
+    - name: vienna-authority-token
+      mountPath: {{ printf "%s/authority-token" $secrets }}
+      readOnly: true
+    {{- else }}
     - name: vienna-warrant-key
       mountPath: {{ printf "%s/warrant-key" $secrets }}
       readOnly: true
+    {{- end }}
     - name: vienna-audit-key
       mountPath: {{ printf "%s/audit-key" $secrets }}
       readOnly: true

@@ -35,7 +35,7 @@ SETS = {"sqlite": (), "postgres": MONITORING_API}
 
 
 def template(
-    helm: Path, values: str | None, *extra: str, check: bool = True
+    helm_bin: Path, values: str | None, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     command = [
         str(helm_bin),

@@ -149,16 +149,19 @@ def open_body(n: int) -> dict[str, Any]:
         "agent": AGENT,
         "tier": "T2",
         "intent": {"action": "bench.write", "target": str(n)},
-        "request": {"method": "PUT", "url": f"https://api.example.com/items/{n}"},
-        "constraints": {
+        "request": {
             "method": "PUT",
             "scheme": "https",
             "host": "api.example.com",
             "port": 443,
             "path": f"/items/{n}",
-            "max_uses": 1,
+            "query": "",
+            "body_sha256": hashlib.sha256(b"").hexdigest(),
+            "content_type": None,
+            "url": f"https://api.example.com/items/{n}",
+            "body_preview": "",
         },
-        "terms": {"ttl_seconds": 900},
+        "terms": {"ttl_seconds": 900, "max_uses": 1, "bind": "exact"},
     }
 
 
@@ -200,7 +203,7 @@ async def measure_store(urls: Sequence[str], count: int, concurrency: int, event
         opens, _ = await run_all(count, concurrency, open_one)
         approvals, _ = await run_all(count, concurrency, approve_one)
         for n, request_id in ids.items():
-            async with http.get(f"{urls[0]}/v1/warrant-requests/{request_id}") as answer:
+            async with http.get(f"{urls[0]}/v1/warrant-requests/{request_id}", headers=sidecar) as answer:
                 warrants[n] = (await answer.json())["warrant"]
         consumes, consume_latency = await run_all(count, concurrency, consume_one)
         sequential, sequential_latency = 0.0, []
@@ -209,7 +212,7 @@ async def measure_store(urls: Sequence[str], count: int, concurrency: int, event
         for n in extra:
             await open_one(n)
             await approve_one(n)
-            async with http.get(f"{urls[0]}/v1/warrant-requests/{ids[n]}") as answer:
+            async with http.get(f"{urls[0]}/v1/warrant-requests/{ids[n]}", headers=sidecar) as answer:
                 warrants[n] = (await answer.json())["warrant"]
         for n in extra:
             sequential_latency.append(await consume_one(n))

@@ -6,9 +6,11 @@ before a request is forwarded on it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from policy.model import Decision
 from policy.rules import RuleSet
@@ -16,7 +18,9 @@ from policy.warrants import terms_for
 from proxy.audit_log import Recorder
 from proxy.authority_client import AuthorityClient, AuthorityRefused, AuthorityUnavailable
 from proxy.store import Store
-from proxy.warrant_requests import PendingLimit, WarrantRequests, warrant_constraints
+from proxy.warrant_requests import PendingLimit, WarrantRequests
+
+_REQUEST_ID = re.compile(r"wr_[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,6 @@ class RemotePassbacks:
     async def open(self, *, agent: str, decision: Decision, canonical: Mapping[str, Any]) -> Opened:
         rules = self._rules()
         terms = terms_for(decision.tier, rules.rule(decision.rule_id))
-        constraints = warrant_constraints(canonical, decision.intent, terms)
         status, body = await self.client.call(
             "POST",
             "/v1/sidecar/warrant-requests",
@@ -102,8 +105,11 @@ class RemotePassbacks:
                 "intent": decision.intent.as_dict(),
                 "request": dict(canonical),
                 "rule_id": decision.rule_id,
-                "terms": {"ttl_seconds": terms.ttl_seconds},
-                "constraints": constraints.as_claim(),
+                "terms": {
+                    "ttl_seconds": terms.ttl_seconds,
+                    "max_uses": terms.max_uses,
+                    "bind": terms.bind.value,
+                },
                 "policy_revision": decision.policy_revision,
             },
         )
@@ -141,7 +147,11 @@ class RemotePassbacks:
         return Opened(summary, warrant if isinstance(warrant, str) else None, body.get("warrant_id"))
 
     async def read(self, request_id: str) -> dict[str, Any] | None:
-        status, body = await self.client.call("GET", f"/v1/warrant-requests/{request_id}")
+        # The id is the agent's input: only a well-formed id becomes part of a URL we send with our
+        # token (an encoded `../` must never reach another authority route).
+        if not _REQUEST_ID.fullmatch(request_id):
+            return None
+        status, body = await self.client.call("GET", f"/v1/warrant-requests/{quote(request_id, safe='')}")
         if status == 404:
             return None
         if status != 200:
@@ -150,15 +160,29 @@ class RemotePassbacks:
 
     async def consume(self, warrant_id: str, max_uses: int, token: str) -> NotConsumed | None:
         try:
-            consumed, _ = await self.client.consume(token)
+            consumed, body = await self.client.consume(token)
         except AuthorityRefused as refused:
             return NotConsumed(
                 str(refused.body.get("reason_code") or "warrant.refused_by_authority"),
                 f"the authority refused this warrant: {refused.body.get('reason')}",
             )
-        if consumed:
-            return None
-        return NotConsumed("warrant.replayed", "warrant already used up (replay, counted at the authority)")
+        if not consumed:
+            return NotConsumed(
+                "warrant.replayed", "warrant already used up (replay, counted at the authority)"
+            )
+        # Only an answer that says, for this warrant, that one more use was counted lets it through.
+        uses, limit = body.get("uses"), body.get("max_uses")
+        if (
+            body.get("consumed") is not True
+            or body.get("warrant_id") != warrant_id
+            or not isinstance(uses, int)
+            or not isinstance(limit, int)
+            or not 1 <= uses <= limit
+        ):
+            raise AuthorityUnavailable(
+                "the authority's answer to a consume does not confirm this warrant's use"
+            )
+        return None
 
 
 def _limit_of(body: Mapping[str, Any]) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from mitmproxy import options
@@ -187,6 +188,17 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         if not token:
             raise KeyError_(f"{settings.authority_token_file}: the authority token file is empty")
         ca = str(settings.upstream_ca_file) if settings.upstream_ca_file else None
+        authority_host = urlsplit(settings.authority).hostname or ""
+        if settings.authority.startswith("http://") and authority_host not in (
+            "127.0.0.1",
+            "localhost",
+            "::1",
+        ):
+            log.warning(
+                "--authority %s is plain HTTP: whoever sits on the path can answer for the authority "
+                "(keys, consumes); use https:// outside a mesh that encrypts pod traffic",
+                settings.authority,
+            )
         authority = AuthorityClient(settings.authority, token, ca_file=ca)
         keys = None
     else:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
@@ -22,6 +23,7 @@ from proxy.store import Store, row_to_event
 
 log = logging.getLogger("vienna.shipping")
 BATCH = 1000
+BATCH_BYTES = 1 << 20  # the authority takes at most 4 MiB per batch; stay well under it
 IDLE_POLL = 0.25
 BACKOFF_START, BACKOFF_MAX = 0.5, 15.0
 
@@ -62,7 +64,8 @@ class AuditShipper:
             " WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, self.batch),
         ).fetchall()
-        return [row_to_event(row) for row in rows]
+        # (the stored payload text is the canonical one: kept, it sizes the batch without re-serialising)
+        return [replace(row_to_event(row), payload_json=str(row[5])) for row in rows]
 
     async def run(self) -> None:
         backoff = BACKOFF_START
@@ -100,6 +103,7 @@ class AuditShipper:
         self.lag.set(max(0, head - self.shipped_seq))
         if not events:
             return 0
+        events = _first_bytes(events, BATCH_BYTES)
         status, body = await self.client.ship(self.chain, events)
         if status == 200:
             before = self.shipped_seq
@@ -126,3 +130,13 @@ class AuditShipper:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+def _first_bytes(events: list[AuditEvent], budget: int) -> list[AuditEvent]:
+    """The longest prefix of `events` whose JSON stays within `budget` bytes (at least one event)."""
+    total = 0
+    for index, event in enumerate(events):
+        total += len(event.payload_json or "") + 400  # the payload plus the event's other fields
+        if total > budget and index > 0:
+            return events[:index]
+    return events

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -15,15 +16,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from policy import approvals
 from policy.approvals import ApprovalError, RequestStatus
-from policy.audit import AuditEvent
+from policy.audit import AuditEvent, redact
 from policy.model import Intent, Tier
 from policy.rules import WARRANT_TTL_CAPS
 from policy.warrants import (
     ISSUER,
     Approval,
+    Bind,
     WarrantClaims,
     WarrantKeys,
     WarrantRefused,
+    WarrantTerms,
     constraints_from_claim,
     mint_eddsa,
     public_key_from_jwk,
@@ -35,10 +38,12 @@ from proxy.authority.signing import SigningKey
 from proxy.authority.store import AUTHORITY_CHAIN, AuthorityStore, Minted, RequestRow
 from proxy.control.auth import AuthThrottle
 from proxy.keys import Operators
+from proxy.warrant_requests import PREVIEW_BYTES, warrant_constraints
 
+log = logging.getLogger("vienna.authority")
 MAX_JSON = 1 << 20
-MAX_AUDIT_BATCH_BYTES = 16 << 20
-MAX_AUDIT_BATCH = 2000
+MAX_AUDIT_BATCH_BYTES = 4 << 20  # the sidecar sends batches of at most 1 MiB; parsing more costs memory
+MAX_AUDIT_BATCH = 1000
 MAX_USES_CAP = 1000
 KEY_CACHE_SECONDS = 5.0
 
@@ -293,7 +298,8 @@ async def readyz(request: web.Request) -> web.Response:
         "signing_kid": authority.signing.kid,
     }
     if problem:
-        body["reason"] = problem
+        log.error("readiness: the store does not answer: %s", problem)  # the details stay in the log
+        body["reason"] = "the store does not answer"
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -317,14 +323,21 @@ async def keys(request: web.Request) -> web.Response:
 
 
 async def get_warrant_request(request: web.Request) -> web.Response:
-    """§7: the holder of the id reads its status, and the warrant once approved (the id is a 128-bit
-    secret handed to the agent; the warrant is bound to the agent, and only a sidecar listed for that
-    agent can have it consumed)."""
+    """§7's status read, for the sidecars and operators of the fleet (the agent asks its own sidecar,
+    which asks here): a sidecar listed for the request's agent also gets the warrant once approved,
+    an operator sees everything but the warrant, anyone else nothing."""
     authority = request.app[AUTHORITY]
+    token = _token(request)
+    identity = authority.sidecars.authenticate(token) if token else None
+    operator = authority.operators.authenticate(token) if token and identity is None else None
+    if identity is None and operator is None:
+        return _refused_auth(request, "sidecar or operator", token)
     row = await authority.store.get_request(request.match_info["id"])
     if row is None:
         return _error(404, "not_found", "no such warrant request", reason_code="warrant_request.unknown")
-    return web.json_response(await authority.view(row, include_warrant=True))
+    if identity is not None and not identity.may_act_for(row.state.agent):
+        return _not_for(identity, row.state.agent)
+    return web.json_response(await authority.view(row, include_warrant=identity is not None))
 
 
 # --- operators ----------------------------------------------------------------------------------
@@ -406,12 +419,29 @@ async def audit(request: web.Request) -> web.Response:
     selector = request.query.get("sidecar") or AUTHORITY_CHAIN
     after = _int_query(request, "after", 0, 0, 2**62)
     limit = _int_query(request, "limit", 100, 1, 10_000)
-    found = await authority.store.events(selector, after=after, limit=limit)
-    events = [{**event.as_dict(), "chain": chain} for chain, event in found]
-    chains = {chain for chain, _ in found}
-    head = await authority.store.head(next(iter(chains))) if len(chains) == 1 else (None, None)
+    chains = await authority.store.chains_of(selector)
+    if len(chains) > 1:
+        # `after` is a position in one chain: paging several at once would skip events silently.
+        return _error(
+            400,
+            "bad_request",
+            f"sidecar {selector[:80]!r} has {len(chains)} chains (one per data dir); ask for one of them",
+            reason_code="audit.ambiguous_sidecar",
+            chains=chains[:1000],
+        )
+    if not chains:
+        return web.json_response({"events": [], "next_after": after, "head_seq": 0, "chain": None})
+    chain = chains[0]
+    found = await authority.store.events(chain, after=after, limit=limit)
+    events = [{**event.as_dict(), "chain": chain} for _, event in found]
+    head = await authority.store.head(chain)
     return web.json_response(
-        {"events": events, "next_after": events[-1]["seq"] if events else after, "head_seq": head[0]}
+        {
+            "events": events,
+            "next_after": events[-1]["seq"] if events else after,
+            "head_seq": head[0],
+            "chain": chain,
+        }
     )
 
 
@@ -420,7 +450,9 @@ async def audit_chains(request: web.Request) -> web.Response:
     who = _operator(request)
     if isinstance(who, web.Response):
         return who
-    chains = await authority.store.chains()
+    limit = _int_query(request, "limit", 1000, 1, 1000)
+    offset = _int_query(request, "offset", 0, 0, 2**62)
+    chains = await authority.store.chains(limit=limit, offset=offset)
     return web.json_response(
         {
             "chains": [
@@ -485,24 +517,35 @@ async def open_warrant_request(request: web.Request) -> web.Response:
         or not (rule is None or isinstance(rule, str))
     ):
         raise _BadRequest("'intent' needs a string action and target")
-    constraints = body.get("constraints")
-    if not isinstance(constraints, dict):
-        raise _BadRequest("'constraints' must be an object")
-    try:
-        parsed = constraints_from_claim(constraints)
-    except ValueError as exc:
-        raise _BadRequest(f"'constraints': {exc}") from None
-    if parsed.max_uses > MAX_USES_CAP:
-        raise _BadRequest(f"'constraints.max_uses' is at most {MAX_USES_CAP}")
     terms = body.get("terms") or {}
-    ttl = terms.get("ttl_seconds") if isinstance(terms, dict) else None
-    cap = WARRANT_TTL_CAPS[tier]
+    if not isinstance(terms, dict):
+        raise _BadRequest("'terms' must be an object")
+    ttl, max_uses, bind = terms.get("ttl_seconds"), terms.get("max_uses", 1), terms.get("bind", "exact")
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not ttl >= 1:
         raise _BadRequest("'terms.ttl_seconds' must be a positive integer")
+    if not isinstance(max_uses, int) or isinstance(max_uses, bool) or not 1 <= max_uses <= MAX_USES_CAP:
+        raise _BadRequest(f"'terms.max_uses' must be an integer from 1 to {MAX_USES_CAP}")
+    if bind not in {b.value for b in Bind}:
+        raise _BadRequest("'terms.bind' must be exact, path or host")
+    canonical = _redacted_request(canonical)
+    intent = Intent(action=action, target=target, rule=rule)
+    agreed = WarrantTerms(ttl_seconds=min(ttl, WARRANT_TTL_CAPS[tier]), max_uses=max_uses, bind=Bind(bind))
+    # The constraints are derived here, from the very request operators are shown (and the bind the
+    # rule asks for): a sidecar cannot show one request and have another bound.
+    try:
+        constraints = warrant_constraints(canonical, intent, agreed).as_claim()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _BadRequest(f"'request' is not a complete request: {exc}") from None
     revision = body.get("policy_revision", "")
     fingerprint = hashlib.sha256(
         json.dumps(
-            {"agent": agent, "request": canonical, "constraints": constraints},
+            {
+                "agent": agent,
+                "tier": tier.value,
+                "intent": intent.as_dict(),
+                "request": canonical,
+                "terms": {"ttl_seconds": agreed.ttl_seconds, "max_uses": max_uses, "bind": bind},
+            },
             sort_keys=True,
             separators=(",", ":"),
         ).encode()
@@ -512,11 +555,12 @@ async def open_warrant_request(request: web.Request) -> web.Response:
         agent=agent,
         fingerprint=fingerprint,
         tier=tier,
-        intent=Intent(action=action, target=target, rule=rule),
+        intent=intent,
         request=canonical,
         rule_id=body.get("rule_id") if isinstance(body.get("rule_id"), str) else None,
-        terms={"ttl_seconds": min(ttl, cap)},  # the tier's cap holds whatever a sidecar asks for
-        constraints=parsed.as_claim(),
+        # the tier's cap holds whatever a sidecar asks for
+        terms={"ttl_seconds": agreed.ttl_seconds, "max_uses": max_uses, "bind": bind},
+        constraints=constraints,
         now=authority.clock(),
         pending_ttl=authority.pending_ttl,
         max_pending=authority.max_pending,
@@ -535,6 +579,18 @@ async def open_warrant_request(request: web.Request) -> web.Response:
     authority.metrics.requests_opened.labels(result="created" if created else "reused").inc()
     view = await authority.view(row, include_warrant=True)
     return web.json_response({**view, "created": created}, status=201 if created else 200)
+
+
+def _redacted_request(canonical: dict[str, Any]) -> dict[str, Any]:
+    """What the authority keeps and shows of a request: secret-named fields redacted (headers,
+    intent params), the body preview at most 4 KiB. The URL and query stay as sent: a warrant
+    binds the exact query."""
+    cleaned = redact(canonical)
+    assert isinstance(cleaned, dict)
+    preview = cleaned.get("body_preview")
+    if isinstance(preview, str) and len(preview.encode()) > PREVIEW_BYTES:
+        cleaned["body_preview"] = preview.encode()[:PREVIEW_BYTES].decode("utf-8", "ignore") + "…"
+    return cleaned
 
 
 async def consume_warrant(request: web.Request) -> web.Response:
@@ -560,7 +616,7 @@ async def consume_warrant(request: web.Request) -> web.Response:
         authority.metrics.consumes.labels(result="forbidden").inc()
         return _not_for(identity, claims.sub)
     counted, uses = await authority.store.consume(
-        claims.jti, claims.con.max_uses, sidecar=identity.name, now=now
+        claims.jti, claims.con.max_uses, sidecar=identity.name, agent=claims.sub, now=now
     )
     authority.metrics.consume_seconds.observe(time.perf_counter() - started)
     answer = {"consumed": counted, "warrant_id": claims.jti, "uses": uses, "max_uses": claims.con.max_uses}
@@ -607,6 +663,11 @@ async def receive_audit(request: web.Request) -> web.Response:
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _BadRequest(f"events[{index}] must be an object")
+        if not isinstance(item.get("ts"), float):
+            # Stored as a float and served back as one: an integer ts would hash differently then.
+            raise _BadRequest(
+                f"events[{index}]: 'ts' must be a number with a fraction (seconds, as recorded)"
+            )
         try:
             event = AuditEvent.from_dict(item)
         except (ValueError, TypeError) as exc:

@@ -68,6 +68,8 @@ def load_sidecars(path: Path | None) -> Sidecars:
             raise KeyError_(f"{where}.token_sha256: must be 64 hex digits (sha256 of the token)")
         if not isinstance(agents, list) or not agents or not all(isinstance(a, str) and a for a in agents):
             raise KeyError_(f'{where}.agents: must be a non-empty list of agent ids (or "*" for any)')
+        if name == "authority":
+            raise KeyError_(f"{where}.name: 'authority' is the name of the authority's own chain")
         if name in names:
             raise KeyError_(f"{where}.name: {name!r} appears twice")
         if digest in digests:

@@ -8,6 +8,7 @@ vote count once, and a use is counted by a conditional upsert that never passes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from policy.model import Intent, Tier
 from proxy.authority.db import Database, Tx
 
 AUTHORITY_CHAIN = "authority"  # the authority's own events: requests opened, votes, warrants minted
+MAX_CHAINS_PER_SIDECAR = 1000  # each sidecar instance (data dir) has one; a flood of made-up ids stops here
 KEY_SEEN_WINDOW = 120.0  # a key a replica signs with is refreshed every 30 s; listed while seen recently
 
 
@@ -130,6 +132,10 @@ class AuthorityStore:
         """The open request for this agent and exact request (reused), or a new one; None when the
         agent has `max_pending` pending requests already."""
         async with self.db.transaction() as tx:
+            if tx.dialect == "postgresql":
+                # Opens for one agent one at a time, across replicas: no duplicate request, no
+                # pending count read before another replica's insert commits.
+                await tx.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("vienna-open:" + agent,))
             rows = await tx.all(
                 f"SELECT {_REQUEST_COLUMNS} FROM warrant_requests"  # noqa: S608 -- fixed column list
                 " WHERE agent = %s AND fingerprint = %s AND status IN ('pending', 'approved') ORDER BY created_at DESC",
@@ -324,8 +330,12 @@ class AuthorityStore:
 
     # --- single use ----------------------------------------------------------------------------
 
-    async def consume(self, jti: str, max_uses: int, *, sidecar: str, now: float) -> tuple[bool, int]:
-        """Count one use of `jti` across every sidecar and replica: (counted, uses after)."""
+    async def consume(
+        self, jti: str, max_uses: int, *, sidecar: str, agent: str, now: float
+    ) -> tuple[bool, int]:
+        """Count one use of `jti` across every sidecar and replica: (counted, uses after). Every
+        attempt lands in the authority's chain as a `verification` event, so the uses can be
+        checked against what each sidecar's chain says it forwarded."""
         async with self.db.transaction() as tx:
             row = await tx.one(
                 "INSERT INTO warrant_uses (jti, uses, max_uses, first_used_at, last_sidecar)"
@@ -335,9 +345,24 @@ class AuthorityStore:
                 (jti, max_uses, now, sidecar),
             )
             if row is not None:
-                return True, int(row[0])
-            used = await tx.one("SELECT uses FROM warrant_uses WHERE jti = %s", (jti,))
-            return False, int(used[0]) if used else 0
+                counted, uses = True, int(row[0])
+            else:
+                used = await tx.one("SELECT uses FROM warrant_uses WHERE jti = %s", (jti,))
+                counted, uses = False, int(used[0]) if used else 0
+            await append_own(
+                tx,
+                "verification",
+                agent=agent,
+                now=now,
+                payload={
+                    "event": "warrant_consumed" if counted else "warrant_replayed",
+                    "warrant_id": jti,
+                    "sidecar": sidecar,
+                    "uses": uses,
+                    "max_uses": max_uses,
+                },
+            )
+            return counted, uses
 
     async def uses(self, jti: str) -> int:
         async with self.db.transaction() as tx:
@@ -352,7 +377,23 @@ class AuthorityStore:
         the batch. What came before the first problem is kept; the problem itself is recorded."""
         accepted = duplicates = 0
         problem: tuple[str, int, str] | None = None
+        if not events:
+            seq, hash_ = await self.head(chain)  # an empty batch creates nothing
+            return Received(accepted=0, duplicates=0, head_seq=seq, head_hash=hash_)
         async with self.db.transaction() as tx:
+            known = await tx.one("SELECT 1 FROM chains WHERE chain = %s", (chain,))
+            if known is None:
+                count = await tx.one("SELECT COUNT(*) FROM chains WHERE sidecar = %s", (sidecar,))
+                if count is not None and int(count[0]) >= MAX_CHAINS_PER_SIDECAR:
+                    return Received(
+                        accepted=0,
+                        duplicates=0,
+                        head_seq=0,
+                        head_hash=GENESIS_HASH,
+                        problem="too_many_chains",
+                        problem_seq=events[0].seq,
+                        detail=f"sidecar {sidecar!r} already has {MAX_CHAINS_PER_SIDECAR} chains",
+                    )
             head_seq, head_hash = await _lock_chain(tx, chain, sidecar, now)
             rows: list[tuple[Any, ...]] = []
             for event in events:
@@ -405,15 +446,21 @@ class AuthorityStore:
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     rows,
                 )
+            new_problem = 0
+            if problem is not None:
+                # One row per (chain, seq, kind): a sidecar retrying the same bad batch adds nothing.
+                problem_id = (
+                    "ap_" + hashlib.sha256(f"{chain}\n{problem[1]}\n{problem[0]}".encode()).hexdigest()[:24]
+                )
+                new_problem = await tx.execute(
+                    "INSERT INTO audit_problems (id, chain, seq, kind, detail, at) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    (problem_id, chain, problem[1], problem[0], problem[2], now),
+                )
             await tx.execute(
                 "UPDATE chains SET head_seq = %s, head_hash = %s, updated_at = %s, problems = problems + %s WHERE chain = %s",
-                (head_seq, head_hash, now, 1 if problem else 0, chain),
+                (head_seq, head_hash, now, 1 if new_problem > 0 else 0, chain),
             )
-            if problem is not None:
-                await tx.execute(
-                    "INSERT INTO audit_problems (id, chain, seq, kind, detail, at) VALUES (%s, %s, %s, %s, %s, %s)",
-                    ("ap_" + secrets.token_hex(8), chain, problem[1], problem[0], problem[2], now),
-                )
         if problem is None:
             return Received(accepted=accepted, duplicates=duplicates, head_seq=head_seq, head_hash=head_hash)
         return Received(
@@ -431,10 +478,12 @@ class AuthorityStore:
             row = await tx.one("SELECT head_seq, head_hash FROM chains WHERE chain = %s", (chain,))
         return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
-    async def chains(self) -> list[Chain]:
+    async def chains(self, *, limit: int = 1000, offset: int = 0) -> list[Chain]:
         async with self.db.transaction() as tx:
             rows = await tx.all(
                 "SELECT chain, sidecar, head_seq, head_hash, problems, updated_at FROM chains ORDER BY chain"
+                " LIMIT %s OFFSET %s",
+                (limit, offset),
             )
             found = []
             for chain, sidecar, seq, hash_, problems, updated in rows:
@@ -458,14 +507,24 @@ class AuthorityStore:
                 )
         return found
 
-    async def events(self, selector: str, *, after: int, limit: int) -> list[tuple[str, AuditEvent]]:
-        """Events of the chain named `selector`, or of every chain of the sidecar named so."""
+    async def chains_of(self, selector: str) -> list[str]:
+        """The chain named `selector`, else the chains of the sidecar named so."""
+        async with self.db.transaction() as tx:
+            exact = await tx.one("SELECT chain FROM chains WHERE chain = %s", (selector,))
+            if exact is not None:
+                return [str(exact[0])]
+            rows = await tx.all(
+                "SELECT chain FROM chains WHERE sidecar = %s ORDER BY chain LIMIT 1001", (selector,)
+            )
+        return [str(row[0]) for row in rows]
+
+    async def events(self, chain: str, *, after: int, limit: int) -> list[tuple[str, AuditEvent]]:
+        """Events of one chain after `after`, in order."""
         async with self.db.transaction() as tx:
             rows = await tx.all(
                 "SELECT chain, seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit_events"
-                " WHERE chain IN (SELECT chain FROM chains WHERE chain = %s OR sidecar = %s) AND seq > %s"
-                " ORDER BY chain, seq LIMIT %s",
-                (selector, selector, after, limit),
+                " WHERE chain = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (chain, after, limit),
             )
         return [
             (

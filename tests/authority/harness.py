@@ -181,3 +181,26 @@ class Authority:
 def sidecar_args(authority: Authority, token_file: Path, name: str = "sc1") -> list[str]:
     token_file.write_text(SIDECAR_TOKENS[name] + "\n")
     return ["--authority", authority.url, "--authority-token-file", str(token_file)]
+
+
+def open_body(*, agent: str = AGENT_ID, tier: str = "T2", method: str = "PUT", path: str = "/items/1",
+              action: str = "demo.write", target: str = "") -> dict[str, Any]:  # fmt: skip
+    """What a sidecar sends to open a warrant request: the exact request and the rule's terms."""
+    return {
+        "agent": agent,
+        "tier": tier,
+        "intent": {"action": action, "target": target},
+        "request": {
+            "method": method,
+            "scheme": "https",
+            "host": "api.example.com",
+            "port": 443,
+            "path": path,
+            "query": "",
+            "body_sha256": hashlib.sha256(b"").hexdigest(),
+            "content_type": None,
+            "url": f"https://api.example.com{path}",
+            "body_preview": "",
+        },
+        "terms": {"ttl_seconds": 300, "max_uses": 1, "bind": "exact"},
+    }

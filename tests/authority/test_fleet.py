@@ -25,6 +25,7 @@ from tests.authority.harness import (
     SIDECAR_TOKENS,
     VIENNA,
     Authority,
+    open_body,
     sidecar_args,
     write_operators,
     write_signing_key,
@@ -133,21 +134,9 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
             "POST",
             "/v1/sidecar/warrant-requests",
             token=SIDECAR_TOKENS["sc1"],
-            body={
-                "agent": AGENT_ID,
-                "tier": "T3",
-                "intent": {"action": "repo.delete", "target": "acme/app", "rule": "delete-repo"},
-                "request": {"method": "DELETE", "url": "https://api.example.com/repos/acme/app"},
-                "constraints": {
-                    "method": "DELETE",
-                    "scheme": "https",
-                    "host": "api.example.com",
-                    "port": 443,
-                    "path": "/repos/acme/app",
-                    "max_uses": 1,
-                },
-                "terms": {"ttl_seconds": 300},
-            },
+            body=open_body(
+                tier="T3", method="DELETE", path="/repos/acme/app", action="repo.delete", target="acme/app"
+            ),
         )
         assert opened.status_code == 201, opened.text
         request_id = opened.json()["id"]
@@ -169,7 +158,10 @@ def test_fifty_concurrent_approvals_across_two_replicas_mint_one_warrant(tmp_pat
         assert statuses.count(200) == 2, statuses  # T3: exactly the quorum counted
         assert set(statuses) == {200, 409}, statuses
         warrants = {
-            replica.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"] for replica in replicas
+            replica.api("GET", f"/v1/warrant-requests/{request_id}", token=SIDECAR_TOKENS["sc1"]).json()[
+                "warrant"
+            ]
+            for replica in replicas
         }
         assert len(warrants) == 1  # both replicas hand out the one warrant
         own = [
@@ -285,21 +277,7 @@ def test_authority_killed_mid_traffic_fails_t2_t3_closed_and_loses_no_audit_even
 
 
 def test_a_sidecar_token_acts_only_for_its_listed_agents(authority: Authority) -> None:
-    body = {
-        "agent": AGENT_ID,  # "other" is listed for someone-else only
-        "tier": "T2",
-        "intent": {"action": "x", "target": ""},
-        "request": {"method": "PUT"},
-        "constraints": {
-            "method": "PUT",
-            "scheme": "https",
-            "host": "h",
-            "port": 443,
-            "path": "/",
-            "max_uses": 1,
-        },
-        "terms": {"ttl_seconds": 60},
-    }
+    body = open_body()  # "other" is listed for someone-else only, not for this agent
     opened = authority.api("POST", "/v1/sidecar/warrant-requests", token=OTHER_TOKEN, body=body)
     assert opened.status_code == 403 and opened.json()["reason_code"] == "sidecar.agent_not_allowed"
     # A warrant for the agent, minted for sc1's request, cannot be consumed by `other` either.
@@ -307,7 +285,9 @@ def test_a_sidecar_token_acts_only_for_its_listed_agents(authority: Authority) -
         "POST", "/v1/sidecar/warrant-requests", token=SIDECAR_TOKENS["sc1"], body=body
     ).json()["id"]
     assert authority.approve(request_id, "alice").status_code == 200
-    warrant = authority.api("GET", f"/v1/warrant-requests/{request_id}").json()["warrant"]
+    warrant = authority.api("GET", f"/v1/warrant-requests/{request_id}", token=SIDECAR_TOKENS["sc1"]).json()[
+        "warrant"
+    ]
     consumed = authority.api("POST", "/v1/warrants/consume", token=OTHER_TOKEN, body={"warrant": warrant})
     assert consumed.status_code == 403 and consumed.json()["reason_code"] == "sidecar.agent_not_allowed"
     # Nor ship audit events in that agent's name.
@@ -424,10 +404,8 @@ def test_central_audit_reports_bad_links_and_verify_catches_tampering(
         "POST",
         "/v1/sidecar/warrant-requests",
         token=SIDECAR_TOKENS["sc1"],
-        body={"agent": AGENT_ID, "tier": "T2", "intent": {"action": "x", "target": ""}, "request": {"method": "PUT"},
-              "constraints": {"method": "PUT", "scheme": "https", "host": "h", "port": 443, "max_uses": 1},
-              "terms": {"ttl_seconds": 60}},
-    )  # fmt: skip
+        body=open_body(),
+    )
     assert opened.status_code == 201
     db = sqlite3.connect(authority.store.removeprefix("sqlite:///"))
     db.execute("UPDATE audit_events SET payload = '{\"n\":7}' WHERE chain = 'authority' AND seq = 1")

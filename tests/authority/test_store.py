@@ -143,10 +143,31 @@ async def test_unknown_request_and_deny(store: AuthorityStore) -> None:
 
 
 async def test_consume_never_passes_max_uses_even_concurrently(store: AuthorityStore) -> None:
-    results = await asyncio.gather(*(store.consume("wt_a", 3, sidecar="sc", now=NOW) for _ in range(12)))
+    results = await asyncio.gather(
+        *(store.consume("wt_a", 3, sidecar="sc", agent="agent-1", now=NOW) for _ in range(12))
+    )
     assert sum(1 for counted, _ in results if counted) == 3
     assert await store.uses("wt_a") == 3
-    assert await store.consume("wt_a", 3, sidecar="sc", now=NOW) == (False, 3)
+    assert await store.consume("wt_a", 3, sidecar="sc", agent="agent-1", now=NOW) == (False, 3)
+
+
+async def test_receive_creates_nothing_for_an_empty_batch_and_dedupes_problems(store: AuthorityStore) -> None:
+    got = await store.receive("sc1/empty", "sc1", [], NOW)
+    assert (got.accepted, got.head_seq) == (0, 0) and await store.chains() == []
+    events = _chain(3)
+    for _ in range(3):  # the same bad batch, retried
+        assert (await store.receive("sc1/d", "sc1", events[1:], NOW)).problem == "sequence_gap"
+    assert (await store.chains())[0].problems == 1
+
+
+async def test_consumes_are_recorded_in_the_authority_chain(store: AuthorityStore) -> None:
+    await store.consume("wt_v", 1, sidecar="sc1", agent="agent-1", now=NOW)
+    await store.consume("wt_v", 1, sidecar="sc2", agent="agent-1", now=NOW)
+    own = [event for _, event in await store.events(AUTHORITY_CHAIN, after=0, limit=10)]
+    assert [(e.type, e.payload["event"], e.payload["sidecar"]) for e in own] == [
+        ("verification", "warrant_consumed", "sc1"),
+        ("verification", "warrant_replayed", "sc2"),
+    ]
 
 
 def _chain(count: int, start: int = 1, prev: str = GENESIS_HASH) -> list[AuditEvent]:
@@ -168,7 +189,8 @@ async def test_receive_accepts_in_order_and_is_idempotent(store: AuthorityStore)
     served = [event for _, event in await store.events("sc1/a", after=0, limit=100)]
     assert [e.hash for e in served] == [e.hash for e in events]
     assert verify_chain(served).ok
-    assert [e.seq for _, e in await store.events("sc1", after=8, limit=100)] == [9, 10]  # by sidecar name
+    assert await store.chains_of("sc1") == ["sc1/a"]  # a sidecar's name finds its chains
+    assert [e.seq for _, e in await store.events("sc1/a", after=8, limit=100)] == [9, 10]
     assert await store.head("sc1/a") == (10, events[-1].hash)
 
 

@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "test_warrant_forgery": "warrant forgery",
     "test_resource_abuse": "resource abuse",
     "test_classified_is_forwarded": "classified = forwarded",
+    "test_fleet_trust": "fleet trust (authority)",
     "test_fuzz": "fuzzing (properties)",
 }
 _COUNTS: dict[str, FamilyCounts] = {}

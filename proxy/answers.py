@@ -12,6 +12,33 @@ from policy.model import Decision
 
 DECISION_HEADER = "Vienna-Decision"
 DECISION_ID_HEADER = "Vienna-Decision-Id"
+WARRANT_REQUEST_HEADER = "Vienna-Warrant-Request"
+WARRANT_REQUEST_URL_HEADER = "Vienna-Warrant-Request-Url"
+
+
+def passback_headers(warrant_request: Mapping[str, Any]) -> dict[str, str]:
+    """§12: the warrant request to wait for, where tools that print only headers or the status show it."""
+    return {
+        WARRANT_REQUEST_HEADER: str(warrant_request["id"]),
+        WARRANT_REQUEST_URL_HEADER: str(warrant_request["url"]),
+    }
+
+
+def passback_reason(decision: Decision, warrant_request: Mapping[str, Any]) -> str:
+    """The `reason` of a refusal that opened (or found) a warrant request: names its id and URL, so an
+    SDK that prints only the message still says what to wait for."""
+    needed = warrant_request.get("approvals_required")
+    votes = "1 operator approval" if needed == 1 else f"{needed} operator approvals"
+    status = warrant_request.get("status")
+    if status == "approved":
+        return (
+            f"{decision.reason}; warrant request {warrant_request['id']} is approved: fetch the warrant at "
+            f"{warrant_request['url']} and retry with the Vienna-Warrant header"
+        )
+    return (
+        f"{decision.reason}; waiting for {votes} on warrant request {warrant_request['id']} "
+        f"at {warrant_request['url']}, then retry with the Vienna-Warrant header"
+    )
 
 
 def deny_body(

@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("db", type=Path)
     export.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events after SEQ")
 
+    notify = commands.add_parser("notify", help="helpers for webhook receivers")
+    notify_commands = notify.add_subparsers(dest="notify_command", required=True, metavar="SUBCOMMAND")
+    check_signature = notify_commands.add_parser(
+        "verify", help="check a Vienna-Signature header against a body; exit 0 valid, 1 not"
+    )
+    check_signature.add_argument("--secret-file", type=Path, required=True, help="the --notify-secret-file")
+    check_signature.add_argument("--signature", required=True, help="the Vienna-Signature header's value")
+    check_signature.add_argument("--body", type=Path, help="file holding the exact body (default: stdin)")
+    check_signature.add_argument(
+        "--tolerance", type=float, default=300, help="seconds a signature stays fresh"
+    )
+
     approvals = commands.add_parser("approvals", help="operator commands against a running sidecar")
     approval_commands = approvals.add_subparsers(
         dest="approvals_command", required=True, metavar="SUBCOMMAND"
@@ -113,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "authority":
             return _authority(args)
+        if args.command == "notify":
+            return _notify_verify(args)
         if args.command == "policy":
             return _policy_check(args) if args.policy_command == "check" else _policy_explain(args)
         if args.command == "audit":
@@ -256,6 +270,23 @@ def _policy_explain(args: argparse.Namespace) -> int:
             value = f"{request.method} {request.url}"
         print(f"{key + ':':<{width + 2}}{value if value is not None else '-'}")
     return 0
+
+
+def _notify_verify(args: argparse.Namespace) -> int:
+    from proxy.keys import KeyError_, _read_secret
+    from proxy.notify import verify_signature
+
+    try:
+        secret = _read_secret(args.secret_file)
+    except KeyError_ as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    body = args.body.read_bytes() if args.body else sys.stdin.buffer.read()
+    if verify_signature(secret, args.signature, body, now=time.time(), tolerance=args.tolerance):
+        print("ok: signature valid")
+        return 0
+    print("INVALID: the signature does not match this body and secret, or it is older than the tolerance")
+    return 1
 
 
 def _authority(args: argparse.Namespace) -> int:

@@ -70,6 +70,15 @@ def load_warrant_keys(key_file: Path | None, data_dir: Path) -> WarrantKeys:
     return WarrantKeys(keys={kid: secret}, active_kid=kid)
 
 
+def load_notify_secret(key_file: Path | None, data_dir: Path) -> bytes:
+    """The HMAC secret that signs webhook notifications (Vienna-Signature); receivers hold it too."""
+    return (
+        _read_secret(key_file)
+        if key_file
+        else _generated_secret(data_dir / "notify.key", "--notify-secret-file")
+    )
+
+
 def load_audit_key(key_file: Path | None, data_dir: Path) -> bytes:
     return (
         _read_secret(key_file) if key_file else _generated_secret(data_dir / "audit.key", "--audit-key-file")

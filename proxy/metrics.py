@@ -44,6 +44,12 @@ class Metrics:
         self.policy_reloads = Counter(
             "vienna_policy_reloads_total", "Policy loads and reloads, by result", ("result",), registry=r
         )
+        self.notifications = Counter(
+            "vienna_notifications_total",
+            "Webhook notification attempts, by result (delivered, retried, failed)",
+            ("result",),
+            registry=r,
+        )
         self._actions: set[str] = set()
 
     def action_label(self, action: str) -> str:

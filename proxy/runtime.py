@@ -26,6 +26,7 @@ from mitmproxy.master import Master
 from policy.rules import PolicyError, RuleSet, load_rules
 from policy.warrants import WarrantKeys
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
+from proxy.authority.db import SqliteDatabase
 from proxy.authority_client import AuthorityClient, AuthorityUnavailable
 from proxy.control.app import make_app
 from proxy.dataplane.addon import EnforcementAddon
@@ -35,12 +36,14 @@ from proxy.keys import (
     KeyError_,
     Operators,
     load_audit_key,
+    load_notify_secret,
     load_operators,
     load_sidecar_id,
     load_warrant_keys,
     write_ca_bundle,
 )
 from proxy.metrics import Metrics
+from proxy.notify import Notifier, NotifyConfig
 from proxy.passbacks import LocalPassbacks, Passbacks, RemotePassbacks
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings
@@ -147,6 +150,21 @@ class Sidecar:
         return True
 
 
+def notify_config(settings: Settings) -> NotifyConfig | None:
+    if not settings.notify_webhooks:
+        return None
+    if settings.authority:
+        log.warning("--notify-webhook is ignored with --authority: the authority sends the notifications")
+        return None
+    secret = load_notify_secret(settings.notify_secret_file, settings.data_dir)
+    return NotifyConfig(
+        webhooks=settings.notify_webhooks,
+        secret=secret,
+        format=settings.notify_format,
+        console_url=settings.api_base_url + "/console",
+    )
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """One sidecar per data dir: two would interleave one audit chain and one single-use store."""
     fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -222,6 +240,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         stdout=stdout_stream(settings.audit_stdout),
     )
     holder: dict[str, Sidecar] = {}
+    notify = notify_config(settings)
     warrant_requests = WarrantRequests(
         store,
         recorder,
@@ -232,6 +251,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         pending_ttl=settings.pending_ttl,
         max_pending=settings.max_pending_requests,
         sidecar_id=sidecar_id,
+        notify=notify,
     )
     passbacks: Passbacks
     if authority is not None:
@@ -310,6 +330,19 @@ async def _checkpoints(sidecar: Sidecar) -> None:
 
 
 KEYS_REFRESH_SECONDS = 60.0
+EXPIRY_SWEEP_SECONDS = 2.0
+
+
+async def _expire_requests(sidecar: Sidecar) -> None:
+    """Pending requests past their deadline become expired (and are announced): off the request path."""
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+        if sidecar.authority is not None:
+            continue  # the authority owns the requests
+        try:
+            sidecar.warrant_requests.expire_due()
+        except StoreUnavailable as exc:
+            log.error("cannot mark expired warrant requests: %s", exc)
 
 
 async def _keys_from_authority(sidecar: Sidecar) -> None:
@@ -408,7 +441,20 @@ async def serve(settings: Settings) -> int:
     sidecar.proxy_listening = True
     gc.collect()
     gc.freeze()  # mitmproxy's latency spikes come from the collector walking start-up objects
-    background = [asyncio.create_task(_watch_policy(sidecar)), asyncio.create_task(_checkpoints(sidecar))]
+    background = [
+        asyncio.create_task(_watch_policy(sidecar)),
+        asyncio.create_task(_checkpoints(sidecar)),
+        asyncio.create_task(_expire_requests(sidecar)),
+    ]
+    notifier: Notifier | None = None
+    if sidecar.warrant_requests.notify is not None:
+        notifier = Notifier(
+            SqliteDatabase(settings.data_dir / "state.db"),
+            sidecar.warrant_requests.notify,
+            sidecar.metrics.notifications,
+        )
+        sidecar.warrant_requests.wake = notifier.wake.set
+        background.append(asyncio.create_task(notifier.run()))
     shipper: AuditShipper | None = None
     if sidecar.authority is not None:
         shipper = AuditShipper(
@@ -449,6 +495,8 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     if shipper is not None:
         shipper.close()
+    if notifier is not None:
+        await notifier.close()
     if sidecar.authority is not None:
         await sidecar.authority.close()
     await runner.cleanup()

@@ -49,6 +49,9 @@ class Settings:
     demo: bool = False
     authority: str | None = None
     authority_token_file: Path | None = None
+    notify_webhooks: tuple[str, ...] = ()
+    notify_secret_file: Path | None = None
+    notify_format: str = "json"
 
     @property
     def upstream_proxy_address(self) -> tuple[str, int] | None:
@@ -127,7 +130,32 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
 )
 
 
+def add_notify_flags(parser: argparse.ArgumentParser) -> None:
+    from proxy.notify import NOTIFY_FLAGS
+
+    for flag, default, text in NOTIFY_FLAGS:
+        env = "VIENNA_" + flag.upper().replace("-", "_")
+        shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
+        action = "append" if flag == "notify-webhook" else "store"
+        parser.add_argument(f"--{flag}", default=None, action=action, help=text + shown)
+
+
+def resolve_notify(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[tuple[str, ...], Path | None, str]:
+    from proxy.notify import webhooks_of
+
+    try:
+        webhooks = webhooks_of(getattr(args, "notify_webhook", None), env)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    secret = getattr(args, "notify_secret_file", None) or env.get("VIENNA_NOTIFY_SECRET_FILE") or None
+    fmt = getattr(args, "notify_format", None) or env.get("VIENNA_NOTIFY_FORMAT") or "json"
+    return webhooks, Path(secret) if secret else None, _choice(fmt, "notify-format", ("json", "slack"))
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    add_notify_flags(parser)
     for flag, default, text in RUN_FLAGS:
         env = "VIENNA_" + flag.upper().replace("-", "_")
         shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
@@ -207,7 +235,11 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
             raise SettingsError(f"--authority: {authority!r} must be an http:// or https:// URL")
         if not raw["authority-token-file"]:
             raise SettingsError("--authority needs --authority-token-file (this sidecar's token)")
+    webhooks, notify_secret, notify_format = resolve_notify(args, env)
     return Settings(
+        notify_webhooks=webhooks,
+        notify_secret_file=notify_secret,
+        notify_format=notify_format,
         policy=path("policy"),
         listen_host=listen_host,
         listen_port=listen_port,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 from policy.approvals import RequestStatus, Vote, WarrantRequest
 from policy.audit import GENESIS_HASH, AuditEvent, link
 from policy.model import Intent, Tier
+from proxy.notify import INSERT_SQL, OUTBOX_DDL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -92,6 +93,8 @@ class Store:
         self._state.execute("PRAGMA journal_mode=WAL")
         self._state.execute(f"PRAGMA synchronous={synchronous}")
         self._state.executescript(_STATE_SCHEMA)
+        for statement in OUTBOX_DDL:
+            self._state.execute(statement)
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         self._head_seq: int = row[0] if row else 0
         self._head_hash: str = row[1] if row else GENESIS_HASH
@@ -274,33 +277,49 @@ class Store:
         ).fetchone()
         return int(row[0])
 
-    def save_request(self, stored: StoredRequest) -> None:
+    def save_request(self, stored: StoredRequest, *, notifications: Sequence[tuple[Any, ...]] = ()) -> None:
+        """Write the request, and the notifications announcing the change, in one transaction."""
         state = stored.state
         try:
             with self._lock:
-                self._state.execute(
-                    "INSERT OR REPLACE INTO warrant_requests (id, agent, fingerprint, tier, intent, request, rule_id,"
-                    " status, created_at, expires_at, votes, warrant, warrant_id, warrant_expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        state.id,
-                        state.agent,
-                        stored.fingerprint,
-                        state.tier.value,
-                        json.dumps(state.intent.as_dict()),
-                        json.dumps(dict(stored.request)),
-                        stored.rule_id,
-                        state.status.value,
-                        state.created_at,
-                        state.expires_at,
-                        json.dumps([_vote_to_dict(v) for v in state.votes]),
-                        stored.warrant,
-                        stored.warrant_id,
-                        stored.warrant_expires_at,
-                    ),
-                )
+                self._state.execute("BEGIN IMMEDIATE")
+                try:
+                    self._state.execute(
+                        "INSERT OR REPLACE INTO warrant_requests (id, agent, fingerprint, tier, intent, request, rule_id,"
+                        " status, created_at, expires_at, votes, warrant, warrant_id, warrant_expires_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            state.id,
+                            state.agent,
+                            stored.fingerprint,
+                            state.tier.value,
+                            json.dumps(state.intent.as_dict()),
+                            json.dumps(dict(stored.request)),
+                            stored.rule_id,
+                            state.status.value,
+                            state.created_at,
+                            state.expires_at,
+                            json.dumps([_vote_to_dict(v) for v in state.votes]),
+                            stored.warrant,
+                            stored.warrant_id,
+                            stored.warrant_expires_at,
+                        ),
+                    )
+                    if notifications:
+                        self._state.executemany(INSERT_SQL.replace("%s", "?"), notifications)
+                    self._state.execute("COMMIT")
+                except BaseException:
+                    self._state.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"warrant request store cannot write: {exc}") from exc
+
+    def pending_past(self, now: float) -> list[StoredRequest]:
+        """Pending requests whose deadline has passed (to be marked expired and announced)."""
+        rows = self._state.execute(
+            "SELECT * FROM warrant_requests WHERE status = 'pending' AND expires_at <= ? LIMIT 500", (now,)
+        ).fetchall()
+        return [_row_to_request(row) for row in rows]
 
     # --- single use ----------------------------------------------------------------------------
 

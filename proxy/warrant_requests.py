@@ -28,6 +28,7 @@ from policy.warrants import (
 )
 from proxy.audit_log import Recorder
 from proxy.metrics import Metrics
+from proxy.notify import NotifyConfig
 from proxy.store import Store, StoredRequest, with_state
 
 
@@ -102,6 +103,7 @@ class WarrantRequests:
         clock: Callable[[], float] = time.time,
         max_pending: int = 100,
         sidecar_id: str | None = None,
+        notify: NotifyConfig | None = None,
     ) -> None:
         self.store = store
         self.recorder = recorder
@@ -113,6 +115,8 @@ class WarrantRequests:
         self.clock = clock
         self.max_pending = max_pending
         self.sidecar_id = sidecar_id
+        self.notify = notify
+        self.wake: Callable[[], None] | None = None  # the notifier's, set when it runs
 
     def url(self, request_id: str) -> str:
         return f"{self.api_base_url}/v1/warrant-requests/{request_id}"
@@ -138,7 +142,7 @@ class WarrantRequests:
         stored = StoredRequest(
             state=state, fingerprint=fingerprint, request=dict(canonical), rule_id=decision.rule_id
         )
-        self.store.save_request(stored)
+        self.store.save_request(stored, notifications=self._announce("warrant_request.created", stored, now))
         self.recorder.record(
             "warrant_request",
             agent=agent,
@@ -154,6 +158,27 @@ class WarrantRequests:
         )
         self.refresh_pending()
         return stored
+
+    def _announce(self, event: str, stored: StoredRequest, now: float) -> list[tuple[Any, ...]]:
+        if self.notify is None:
+            return []
+        if self.wake is not None:
+            self.wake()  # the rows commit with the change; the notifier looks right after
+        return self.notify.rows(event, self.view(stored, include_warrant=False), now)
+
+    def expire_due(self) -> int:
+        """Mark pending requests past their deadline expired, announcing each; the number marked."""
+        now = self.clock()
+        expired = 0
+        for stored in self.store.pending_past(now):
+            updated = with_state(stored, approvals.expire(stored.state, now))
+            self.store.save_request(
+                updated, notifications=self._announce("warrant_request.expired", updated, now)
+            )
+            expired += 1
+        if expired:
+            self.refresh_pending()
+        return expired
 
     def refresh_pending(self) -> None:
         self.metrics.warrant_requests_pending.set(self.store.count_pending(self.clock()))
@@ -187,7 +212,12 @@ class WarrantRequests:
         )
         if state.status is RequestStatus.APPROVED:
             updated = self._issue(updated, now, revision)
-        self.store.save_request(updated)
+        announced = {
+            RequestStatus.APPROVED: "warrant_request.approved",
+            RequestStatus.DENIED: "warrant_request.denied",
+        }
+        event = announced.get(state.status)
+        self.store.save_request(updated, notifications=self._announce(event, updated, now) if event else ())
         self.refresh_pending()
         return updated
 

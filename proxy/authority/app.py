@@ -38,6 +38,7 @@ from proxy.authority.signing import SigningKey
 from proxy.authority.store import AUTHORITY_CHAIN, AuthorityStore, Minted, RequestRow
 from proxy.control.auth import AuthThrottle
 from proxy.keys import Operators
+from proxy.notify import NotifyConfig
 from proxy.warrant_requests import PREVIEW_BYTES, warrant_constraints
 
 log = logging.getLogger("vienna.authority")
@@ -78,6 +79,12 @@ class AuthorityMetrics:
             ("kind",),
             registry=r,
         )
+        self.notifications = Counter(
+            "vienna_notifications_total",
+            "Webhook notification attempts, by result (delivered, retried, failed)",
+            ("result",),
+            registry=r,
+        )
         self.store_errors = Counter(
             "vienna_authority_store_errors_total", "Store calls that failed", registry=r
         )
@@ -104,6 +111,8 @@ class Authority:
     metrics: AuthorityMetrics = field(default_factory=AuthorityMetrics)
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
     listening: bool = False
+    notify: NotifyConfig | None = None
+    wake: Callable[[], None] | None = None
     _keys: WarrantKeys | None = None
     _keys_at: float = 0.0
 
@@ -152,6 +161,22 @@ class Authority:
         )
         token = mint_eddsa(claims, self.signing.private, self.signing.kid)
         return Minted(token=token, jti=claims.jti, exp=float(claims.exp), kid=self.signing.kid)
+
+    def announce(self, event: str, row: RequestRow, now: float) -> list[tuple[Any, ...]]:
+        """Outbox rows for one event (called inside the store's transaction)."""
+        if self.notify is None:
+            return []
+        if self.wake is not None:
+            self.wake()
+        view: dict[str, Any] = approvals.as_dict(row.state, now)
+        view.update(
+            url=self.url(row.state.id),
+            request=dict(row.request),
+            rule=row.rule_id,
+            sidecar=row.sidecar,
+            constraints=dict(row.constraints),
+        )
+        return self.notify.rows(event, view, now)
 
     async def view(self, row: RequestRow, *, include_warrant: bool) -> dict[str, Any]:
         body: dict[str, Any] = approvals.as_dict(row.state, self.clock())
@@ -384,6 +409,7 @@ async def _vote(request: web.Request, approve: bool) -> web.Response:
             justification=justification,
             now=authority.clock(),
             mint=authority.mint,
+            announce=authority.announce,
         )
     except KeyError:
         return _error(404, "not_found", "no such warrant request", reason_code="warrant_request.unknown")
@@ -565,6 +591,7 @@ async def open_warrant_request(request: web.Request) -> web.Response:
         pending_ttl=authority.pending_ttl,
         max_pending=authority.max_pending,
         policy_revision=revision if isinstance(revision, str) else "",
+        announce=authority.announce,
     )
     if opened is None:
         authority.metrics.requests_opened.labels(result="limit").inc()

@@ -96,7 +96,15 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # () means: the notification outbox and its delivery leases (proxy/notify.py's OUTBOX_DDL)
+    (2, "notification outbox", ()),
 )
+
+
+def _outbox_ddl() -> tuple[str, ...]:
+    from proxy.notify import OUTBOX_DDL
+
+    return OUTBOX_DDL
 
 
 class StoreError(RuntimeError):
@@ -313,7 +321,7 @@ async def migrate(database: Database) -> int:
         for version, description, statements in MIGRATIONS:
             if version <= current:
                 continue
-            for statement in statements:
+            for statement in statements if statements else _outbox_ddl():
                 await tx.execute(statement)
             await tx.execute(
                 "INSERT INTO schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",

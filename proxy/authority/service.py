@@ -18,8 +18,9 @@ from proxy.authority.db import DEFAULT_STORE, StoreError, open_database
 from proxy.authority.sidecars import load_sidecars
 from proxy.authority.signing import load_signing_key
 from proxy.authority.store import AuthorityStore
-from proxy.keys import KeyError_, load_operators
-from proxy.settings import SettingsError, _address, _number
+from proxy.keys import KeyError_, load_notify_secret, load_operators
+from proxy.notify import Notifier, NotifyConfig
+from proxy.settings import SettingsError, _address, _number, add_notify_flags, resolve_notify
 
 log = logging.getLogger("vienna.authority")
 KEY_HEARTBEAT_SECONDS = 30.0
@@ -52,6 +53,9 @@ class AuthoritySettings:
     public_url: str
     pending_ttl: float
     max_pending: int
+    notify_webhooks: tuple[str, ...] = ()
+    notify_secret_file: Path | None = None
+    notify_format: str = "json"
 
     @property
     def key_dir(self) -> Path:
@@ -62,6 +66,7 @@ class AuthoritySettings:
 
 
 def add_authority_flags(parser: argparse.ArgumentParser) -> None:
+    add_notify_flags(parser)
     for flag, default, text in AUTHORITY_FLAGS:
         env = "VIENNA_" + flag.upper().replace("-", "_")
         shown = f" [env {env}; default {default}]" if default is not None else f" [env {env}]"
@@ -81,7 +86,11 @@ def resolve_authority_settings(args: argparse.Namespace, env: Mapping[str, str])
     store = str(raw["store"])
     if not (store.startswith("sqlite:///") or store.startswith(("postgresql://", "postgres://"))):
         raise SettingsError(f"--store: {store!r} must be sqlite:///PATH or postgresql://…")
+    webhooks, notify_secret, notify_format = resolve_notify(args, env)
     return AuthoritySettings(
+        notify_webhooks=webhooks,
+        notify_secret_file=notify_secret,
+        notify_format=notify_format,
         listen_host=host,
         listen_port=port,
         store=store,
@@ -140,6 +149,18 @@ async def serve_authority(settings: AuthoritySettings) -> int:
         await store.close()
         return 1
     authority.listening = True
+    notifier: Notifier | None = None
+    tasks = [asyncio.create_task(_expire(authority))]
+    if settings.notify_webhooks:
+        authority.notify = NotifyConfig(
+            webhooks=settings.notify_webhooks,
+            secret=load_notify_secret(settings.notify_secret_file, settings.key_dir),
+            format=settings.notify_format,
+            console_url=settings.public_url + "/console",
+        )
+        notifier = Notifier(database, authority.notify, authority.metrics.notifications)
+        authority.wake = notifier.wake.set
+        tasks.append(asyncio.create_task(notifier.run()))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -157,6 +178,10 @@ async def serve_authority(settings: AuthoritySettings) -> int:
     log.info("stopping")
     authority.listening = False
     heartbeat.cancel()
+    for task in tasks:
+        task.cancel()
+    if notifier is not None:
+        await notifier.close()
     await runner.cleanup()
     await store.close()
     return 0
@@ -166,6 +191,14 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+async def _expire(authority: Authority) -> None:
+    """Pending requests past their deadline become expired, announced once (any replica)."""
+    while True:
+        await asyncio.sleep(2.0)
+        with contextlib.suppress(StoreError):
+            await authority.store.expire_due(authority.clock(), authority.announce)
 
 
 async def _heartbeat(authority: Authority) -> None:

@@ -20,6 +20,7 @@ from policy.approvals import RequestStatus, Vote, WarrantRequest
 from policy.audit import GENESIS_HASH, AuditEvent, chain_hash, link
 from policy.model import Intent, Tier
 from proxy.authority.db import Database, Tx
+from proxy.notify import INSERT_SQL
 
 AUTHORITY_CHAIN = "authority"  # the authority's own events: requests opened, votes, warrants minted
 MAX_CHAINS_PER_SIDECAR = 1000  # each sidecar instance (data dir) has one; a flood of made-up ids stops here
@@ -128,6 +129,7 @@ class AuthorityStore:
         pending_ttl: float,
         max_pending: int,
         policy_revision: str,
+        announce: Announce | None = None,
     ) -> tuple[RequestRow, bool] | None:
         """The open request for this agent and exact request (reused), or a new one; None when the
         agent has `max_pending` pending requests already."""
@@ -211,6 +213,7 @@ class AuthorityStore:
                     "expires_at": state.expires_at,
                 },
             )
+            await _enqueue(tx, announce, "warrant_request.created", stored, now)
             return stored, True
 
     async def get_request(self, request_id: str) -> RequestRow | None:
@@ -251,6 +254,7 @@ class AuthorityStore:
         justification: str,
         now: float,
         mint: Callable[[RequestRow, float], Minted],
+        announce: Announce | None = None,
     ) -> RequestRow:
         """Count one vote and, on quorum, mint the one warrant of this request — all in one transaction
         on the locked request row. Raises KeyError (no such request) or approvals.ApprovalError."""
@@ -326,7 +330,33 @@ class AuthorityStore:
             )
             if changed != 1:
                 raise approvals.ApprovalError("approval.not_pending", "request was decided meanwhile")
+            if state.status is RequestStatus.APPROVED:
+                await _enqueue(tx, announce, "warrant_request.approved", updated, now)
+            elif state.status is RequestStatus.DENIED:
+                await _enqueue(tx, announce, "warrant_request.denied", updated, now)
             return updated
+
+    async def expire_due(self, now: float, announce: Announce | None = None) -> int:
+        """Mark pending requests past their deadline expired (each once, whichever replica gets there
+        first), announcing each in the same transaction; the number marked."""
+        async with self.db.transaction() as tx:
+            rows = await tx.all(
+                f"SELECT {_REQUEST_COLUMNS} FROM warrant_requests"  # noqa: S608 -- fixed column list
+                " WHERE status = 'pending' AND expires_at <= %s ORDER BY expires_at LIMIT 200",
+                (now,),
+            )
+            marked = 0
+            for row in rows:
+                found = await _with_votes(tx, _row(row))
+                changed = await tx.execute(
+                    "UPDATE warrant_requests SET status = 'expired' WHERE id = %s AND status = 'pending'",
+                    (found.state.id,),
+                )
+                if changed == 1:
+                    expired = replace(found, state=approvals.expire(found.state, now))
+                    await _enqueue(tx, announce, "warrant_request.expired", expired, now)
+                    marked += 1
+            return marked
 
     # --- single use ----------------------------------------------------------------------------
 
@@ -596,6 +626,18 @@ async def _lock_chain(tx: Tx, chain: str, sidecar: str, now: float) -> tuple[int
     row = await tx.one("SELECT head_seq, head_hash FROM chains WHERE chain = %s FOR UPDATE", (chain,))
     assert row is not None
     return int(row[0]), str(row[1])
+
+
+Announce = Callable[[str, RequestRow, float], list[tuple[Any, ...]]]
+
+
+async def _enqueue(tx: Tx, announce: Announce | None, event: str, row: RequestRow, now: float) -> None:
+    """The notification rows of one event, written in the transaction that makes the change."""
+    if announce is None:
+        return
+    rows = announce(event, row, now)
+    if rows:
+        await tx.executemany(INSERT_SQL, rows)
 
 
 async def _with_votes(tx: Tx, found: RequestRow) -> RequestRow:

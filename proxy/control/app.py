@@ -14,7 +14,7 @@ from policy import engine
 from policy.approvals import ApprovalError
 from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
-from proxy.answers import deny_body
+from proxy.answers import deny_body, passback_headers
 from proxy.authority_client import AuthorityUnavailable
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.store import StoreUnavailable
@@ -206,7 +206,7 @@ async def submit_intent(request: web.Request) -> web.Response:
     if opened.warrant is not None:
         answer["warrant_id"] = opened.warrant_id
         answer["warrant"] = opened.warrant
-    return web.json_response(answer)
+    return web.json_response(answer, headers=passback_headers(summary))
 
 
 def _params_request(params: dict[str, Any]) -> Any:

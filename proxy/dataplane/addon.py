@@ -32,7 +32,15 @@ from policy.normalize import (
     overridden_method,
     parse_authority,
 )
-from proxy.answers import DECISION_HEADER, DECISION_ID_HEADER, deny_body, json_response, plain_error
+from proxy.answers import (
+    DECISION_HEADER,
+    DECISION_ID_HEADER,
+    deny_body,
+    json_response,
+    passback_headers,
+    passback_reason,
+    plain_error,
+)
 from proxy.authority_client import AuthorityUnavailable
 from proxy.dataplane import patches
 from proxy.dataplane.exchange import Exchange, ExchangeWatch
@@ -472,7 +480,16 @@ class EnforcementAddon:
                     "constraints": constraints_preview(request, decision, rules),
                 }
             body = deny_body(decision, warrant_request=warrant_request, decision_id=decision_id, extra=extra)
-            flow.response = json_response(decision.verdict.http_status, body, decision_id=decision_id)
+            headers: dict[str, str] = {}
+            if warrant_request is not None:
+                body["reason"] = passback_reason(decision, warrant_request)
+                headers = passback_headers(warrant_request)
+            flow.response = json_response(
+                decision.verdict.http_status, body, decision_id=decision_id, headers=headers
+            )
+            if warrant_request is not None:
+                # The HTTP/1 status line too: `requests`' raise_for_status and curl -v print its reason.
+                flow.response.reason = f"Warrant Required ({warrant_request['id']})"
             return
         try:
             if self._inject_fault:

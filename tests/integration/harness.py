@@ -305,6 +305,19 @@ class Sidecar:
         assert self.returncode is not None, "never started"
         return self.returncode
 
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs (what the data dir holds is all that survives)."""
+        assert self.process is not None, "not running"
+        process, self.process = self.process, None
+        process.kill()
+        process.wait()
+        self.returncode = -9
+        self.http.close()
+        self.proxied.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def restart(self) -> None:
         """Stop and start again on the same ports, key and data dir."""
         self.stop()

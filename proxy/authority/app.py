@@ -36,6 +36,7 @@ from proxy.authority.db import StoreError
 from proxy.authority.sidecars import SidecarIdentity, Sidecars
 from proxy.authority.signing import SigningKey
 from proxy.authority.store import AUTHORITY_CHAIN, AuthorityStore, Minted, RequestRow
+from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle
 from proxy.keys import Operators
 from proxy.notify import NotifyConfig
@@ -747,4 +748,5 @@ def make_authority_app(authority: Authority) -> web.Application:
     app.router.add_post("/v1/warrants/consume", consume_warrant)
     app.router.add_get("/v1/audit/events/head", audit_head)
     app.router.add_post("/v1/audit/events", receive_audit)
+    add_console_routes(app)
     return app

@@ -16,6 +16,7 @@ from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body, passback_headers
 from proxy.authority_client import AuthorityUnavailable
+from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
@@ -358,4 +359,5 @@ def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
     app.router.add_post("/v1/warrant-requests/{id}/approve", approve)
     app.router.add_post("/v1/warrant-requests/{id}/deny", deny)
     app.router.add_get("/v1/audit", audit)
+    add_console_routes(app)
     return app

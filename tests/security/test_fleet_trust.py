@@ -295,3 +295,21 @@ async def test_a_consume_answer_that_does_not_confirm_the_use_fails_closed(aioht
             await remote.consume("wt_1", 1, "token")
     finally:
         await remote.client.close()
+
+
+async def test_the_authority_serves_the_console_with_a_strict_policy(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    page = await client.get("/console")
+    assert page.status == 200 and "text/html" in page.headers["Content-Type"]
+    policy = page.headers["Content-Security-Policy"]
+    assert (
+        "default-src 'none'" in policy
+        and "script-src 'self'" in policy
+        and "frame-ancestors 'none'" in policy
+    )
+    assert "unsafe-inline" not in policy and "Set-Cookie" not in page.headers
+    html = await page.text()
+    assert "<script src=" in html and "<script>" not in html  # no inline script to allow
+    script = await (await client.get("/console/console.js")).text()
+    assert "innerHTML" not in script and "sessionStorage" in script and "document.cookie" not in script

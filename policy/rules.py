@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cel
 
 from policy.addresses import parse_ip
+from policy.handlers import Handler, parse_handlers
 from policy.model import Tier
 from policy.normalize import AmbiguousRequest, normalize_host, normalize_method
 from policy.templates import PathTemplate, TemplateError, check_target, compile_path
@@ -36,7 +37,7 @@ _RULE_KEYS = frozenset(
     }
 )
 _MATCH_KEYS = frozenset({"hosts", "methods", "paths"})
-_TOP_KEYS = frozenset({"version", "default_tier", "rules", "description"})
+_TOP_KEYS = frozenset({"version", "default_tier", "rules", "description", "handlers"})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ACTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 _DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h)$")
@@ -151,6 +152,10 @@ class RuleSet:
     named_hosts: frozenset[str]
     by_id: Mapping[str, Rule] = field(default_factory=dict)
     warnings: tuple[PolicyIssue, ...] = ()
+    handlers: Mapping[str, Handler] = field(default_factory=dict)  # by action (Vienna Direct)
+
+    def handler(self, action: str) -> Handler | None:
+        return self.handlers.get(action)
 
     def rule(self, rule_id: str | None) -> Rule | None:
         return self.by_id.get(rule_id) if rule_id else None
@@ -294,9 +299,13 @@ def load_rules(text: str, *, file: str = "policy.yaml") -> RuleSet:
             issues.add(
                 rule.line, f"rules[{rule.index}].id", f"duplicate id {rule.id!r} (first on line {first.line})"
             )
+    handlers = parse_handlers(
+        document.get("handlers"), _key_line(document, "handlers", 1), issues.add, _key_line, _item_line
+    )
     if issues.issues:
         raise PolicyError(issues.issues)
-    return _build(rules, default_tier, text, file)
+    built = _build(rules, default_tier, text, file)
+    return replace(built, handlers={handler.action: handler for handler in handlers}) if handlers else built
 
 
 def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | None:

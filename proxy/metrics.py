@@ -50,6 +50,18 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.executions = Counter(
+            "vienna_executions_total",
+            "Handler executions (Vienna Direct), by kind and status",
+            ("kind", "status"),
+            registry=r,
+        )
+        self.verification_violations = Counter(
+            "vienna_verification_violations_total",
+            "Execution reports and warrant checks that did not match their warrant, by reason",
+            ("reason",),
+            registry=r,
+        )
         self._actions: set[str] = set()
 
     def action_label(self, action: str) -> str:

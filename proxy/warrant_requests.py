@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from policy import approvals
 from policy.approvals import RequestStatus, WarrantRequest
@@ -305,14 +305,18 @@ def bound_request(request: Mapping[str, Any], intent: Intent) -> Request:
     without params.url) has no HTTP request: its warrant records the approval for the SDK and is
     bound to the pseudo-scheme "intent", which no proxied request has, so on the data plane it opens nothing."""
     if "method" not in request:
+        # An intent with params (§13) binds their digest with the action and target: a handler's
+        # execution warrant (method EXECUTE) runs only those params; an intent without a handler
+        # (method INTENT) is verified against them.
+        digest = request.get("params_sha256")
         request = {
-            "method": "INTENT",
+            "method": "EXECUTE" if request.get("handler") else "INTENT",
             "scheme": "intent",
             "host": "intent.invalid",
             "port": 1,
             "path": "/" + str(intent.action),
-            "query": "",
-            "body_sha256": None,
+            "query": "target=" + quote(str(intent.target), safe="") if digest else "",
+            "body_sha256": digest,
         }
     return Request(
         method=str(request["method"]),

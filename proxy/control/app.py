@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ from proxy.answers import deny_body, passback_headers
 from proxy.authority_client import AuthorityUnavailable
 from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle, authenticate
+from proxy.control.direct import execute, intent_canonical, report, submit_handler_intent, verify_warrant
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
@@ -126,8 +126,9 @@ async def submit_intent(request: web.Request) -> web.Response:
     if not isinstance(target, str) or not isinstance(agent, str) or not isinstance(params, dict):
         raise _BadRequest("'target' and 'agent_id' must be strings and 'params' an object")
     rules = sidecar.rules
+    handler = rules.handler(action)
     http_request = None
-    if "url" in params or "method" in params:
+    if handler is None and ("url" in params or "method" in params):
         http_request = _params_request(params)
     if http_request is not None:
         decision = engine.decide(
@@ -161,15 +162,18 @@ async def submit_intent(request: web.Request) -> web.Response:
         decision=decision.verdict.value,
         action=sidecar.metrics.action_label(intent.action),
     ).inc()
+    if handler is not None:
+        return await submit_handler_intent(sidecar, handler, action, target, params, decision)
     if decision.verdict in (Verdict.DENIED, Verdict.BAD_REQUEST):
         return web.json_response(
             deny_body(decision), status=decision.verdict.http_status, headers={"Vienna-Decision": "deny"}
         )
     if not decision.tier.needs_warrant:
+        # §13: no handler runs this action, so nothing was executed here: no execution id.
         return web.json_response(
             {
                 "mode": "direct",
-                "execution_id": "ex_" + secrets.token_hex(8),
+                "execution_id": None,
                 "status": "allowed",
                 "tier": decision.tier.value,
                 "intent": intent.as_dict(),
@@ -179,7 +183,7 @@ async def submit_intent(request: web.Request) -> web.Response:
     canonical: dict[str, Any] = (
         canonical_request(http_request)
         if http_request is not None
-        else {"action": action, "target": target, "params": params}
+        else intent_canonical(action, target, params, None)
     )
     try:
         opened = await sidecar.passbacks.open(
@@ -359,5 +363,8 @@ def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
     app.router.add_post("/v1/warrant-requests/{id}/approve", approve)
     app.router.add_post("/v1/warrant-requests/{id}/deny", deny)
     app.router.add_get("/v1/audit", audit)
+    app.router.add_post("/v1/executions", execute)
+    app.router.add_post("/v1/executions/report", report)
+    app.router.add_post("/v1/warrants/verify", verify_warrant)
     add_console_routes(app)
     return app

@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.direct_support import (  # noqa: F401 -- the Vienna Direct fixtures, shared
+    direct,
+    direct_upstream,
+    pg_admin_dsn,
+    pg_items,
+    reports_db,
+)
 from tests.integration.harness import Sidecar, Upstream, running_sidecar
 
 

@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.direct_support import (  # noqa: F401 -- the Vienna Direct fixtures, shared
+    direct,
+    direct_upstream,
+    pg_admin_dsn,
+    pg_items,
+    reports_db,
+)
 from tests.security.support import FUZZ_EXAMPLES, MAX_BODY, FamilyCounts, Sidecar, Upstream
 
 # The attack families of issue 6, by test module; the summary counts cases in this order.
@@ -21,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "test_resource_abuse": "resource abuse",
     "test_classified_is_forwarded": "classified = forwarded",
     "test_fleet_trust": "fleet trust (authority)",
+    "test_handler_abuse": "handler abuse (Vienna Direct)",
     "test_fuzz": "fuzzing (properties)",
 }
 _COUNTS: dict[str, FamilyCounts] = {}

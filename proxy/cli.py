@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="print the intent, tier and matching rule of a request"
     )
     explain.add_argument("path", type=Path)
-    explain.add_argument("method")
-    explain.add_argument("url")
+    explain.add_argument("method", nargs="?")
+    explain.add_argument("url", nargs="?")
+    explain.add_argument("--action", help="explain an intent named by its action (POST /v1/intents) instead")
+    explain.add_argument("--target", default="", help="the intent's target, with --action")
     explain.add_argument("--body", type=Path, help="file holding the request body")
     explain.add_argument(
         "--header", action="append", default=[], metavar="K:V", help="a request header (repeatable)"
@@ -203,10 +205,40 @@ def _resolve_for_explain(host: str, port: int) -> str | None:
     return DestinationResolver.choose(addresses) if addresses else None
 
 
+def _explain_action(rules: RuleSet, args: argparse.Namespace) -> int:
+    decision = engine.decide_action(args.action, args.target, rules=rules)
+    handler = rules.handler(args.action)
+    result = {
+        "action": args.action,
+        "target": args.target,
+        "tier": decision.tier.value,
+        "rule": decision.intent.rule,
+        "decision": decision.verdict.value,
+        "reason": decision.reason,
+        "handler": f"{handler.id}: {handler.describe()}"
+        if handler
+        else "(none: POST /v1/intents answers allowed, nothing runs)",
+        "params": ", ".join(handler.params) if handler and handler.params else "-",
+        "policy_revision": rules.revision,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key + ':':<{width + 2}}{value if value not in (None, '') else '-'}")
+    return 0
+
+
 def _policy_explain(args: argparse.Namespace) -> int:
     rules = _load(args.path, sys.stderr)
     if rules is None:
         return 1
+    if args.action:
+        return _explain_action(rules, args)
+    if not args.method or not args.url:
+        print("give METHOD URL, or --action NAME [--target T]", file=sys.stderr)
+        return 2
     headers: list[tuple[str, str]] = []
     for item in args.header:
         key, sep, value = item.partition(":")
@@ -250,6 +282,9 @@ def _policy_explain(args: argparse.Namespace) -> int:
         "address": resolved
         or f"(not resolved: {request.host} has no address here; the proxy would answer 502)",
     }
+    handler = rules.handler(found.intent.action)
+    if handler is not None:
+        result["handler"] = f"{handler.id}: {handler.describe()} (for POST /v1/intents)"
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -264,7 +299,10 @@ def _policy_explain(args: argparse.Namespace) -> int:
         "decision",
         "reason_code",
         "reason",
+        "handler",
     ):
+        if key not in result:
+            continue
         value = result[key]
         if key == "request":
             value = f"{request.method} {request.url}"

@@ -136,3 +136,16 @@ def test_explain_with_a_broken_policy_fails_like_check() -> None:
     result = vienna("policy", "explain", path, "GET", "https://example.com/")
     assert result.returncode == 1
     assert f"{path}:20: rules[3].tier" in result.stderr
+
+
+def test_explain_an_action_shows_its_handler() -> None:
+    path = ROOT / "examples" / "policies" / "direct-handlers.yaml"
+    done = vienna("policy", "explain", path, "--action", "service.restart", "--target", "api")
+    assert done.returncode == 0, done.stderr
+    assert "tier:            T2" in done.stdout
+    assert (
+        "restart-api: exec ['kubectl', 'rollout', 'restart', 'deployment/{target}'] (timeout 60s, no shell)"
+        in done.stdout
+    )
+    unhandled = vienna("policy", "explain", path, "--action", "nobody.handles", "--json")
+    assert '"handler": "(none: POST /v1/intents answers allowed, nothing runs)"' in unhandled.stdout

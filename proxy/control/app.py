@@ -18,6 +18,7 @@ from proxy.authority_client import AuthorityUnavailable
 from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.control.direct import execute, intent_canonical, report, submit_handler_intent, verify_warrant
+from proxy.openapi import add_openapi_route
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
@@ -367,4 +368,5 @@ def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
     app.router.add_post("/v1/executions/report", report)
     app.router.add_post("/v1/warrants/verify", verify_warrant)
     add_console_routes(app)
+    add_openapi_route(app, sidecar.settings.api_base_url)
     return app

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from policy.yaml_lines import LineMap, LineSeq
 
 MAX_OUTPUT_BYTES = 64 * 1024
+MAX_PARAM_CHARS = 4096  # whatever max_length says: a pattern never runs over megabytes
 _HANDLER_KEYS = frozenset({"id", "action", "params", "exec", "http", "sql", "description"})
 _PARAM_KEYS = frozenset({"pattern", "max_length", "enum", "description"})
 _EXEC_KEYS = frozenset({"argv", "timeout", "env"})
@@ -356,7 +357,11 @@ def _parse_http(
             f"{where}.url",
             "scheme, host and port must be literal: a param never chooses where a request goes",
         )
-    _check_names(_template_names(url), params, at, f"{where}.url", problem)
+    url_names = _template_names(url)
+    _check_names(url_names, params, at, f"{where}.url", problem)
+    for name in sorted(set(url_names) & set(params)):
+        if params[name].pattern is None and params[name].enum is None:
+            problem(at, f"{where}.url", f"param {name!r} goes into the URL: give it a pattern or an enum")
     headers_raw = raw.get("headers", LineMap())
     headers: list[tuple[str, str]] = []
     if not isinstance(headers_raw, LineMap) or not all(
@@ -429,6 +434,12 @@ def _parse_sql(
         return None
     if _template_names(query):
         problem(at, f"{where}.query", "no {templates} in SQL: use :name placeholders, bound as parameters")
+    if ";" in query.strip().rstrip(";"):
+        problem(
+            at,
+            f"{where}.query",
+            "one statement only: no ';' (a second one could leave the read-only transaction)",
+        )
     names: list[str] = []
     for _, _, name in sql_placeholders(query):
         if name not in names:
@@ -513,6 +524,11 @@ def check_params(handler: Handler, target: str, params: Mapping[str, Any]) -> di
         if "target" in given and given["target"] != target:
             raise ParamError("params.conflict", "params.target differs from the intent's target")
         given["target"] = target
+    elif target:
+        raise ParamError(
+            "params.target_unused",
+            f"the handler of {handler.action} takes no target: operators would see one that does not run",
+        )
     unknown = sorted(set(given) - set(handler.params))
     if unknown:
         raise ParamError("params.unknown", f"unknown param(s) for {handler.action}: {', '.join(unknown)}")
@@ -525,6 +541,8 @@ def check_params(handler: Handler, target: str, params: Mapping[str, Any]) -> di
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ParamError("params.type", f"param {name!r} must be a string or a number")
         text = str(value)
+        if len(text) > MAX_PARAM_CHARS:
+            raise ParamError("params.too_long", f"param {name!r} is longer than {MAX_PARAM_CHARS} characters")
         if "\x00" in text or "\n" in text or "\r" in text:
             raise ParamError(
                 "params.control", f"param {name!r} holds a control character (NUL or a line break)"
@@ -535,28 +553,41 @@ def check_params(handler: Handler, target: str, params: Mapping[str, Any]) -> di
             raise ParamError("params.enum", f"param {name!r} must be one of {', '.join(spec.enum)}")
         if spec.pattern is not None and not spec.pattern.fullmatch(text):
             raise ParamError("params.pattern", f"param {name!r} does not match {spec.pattern_source!r}")
-        if (
-            handler.exec is not None
-            and text.startswith("-")
-            and any(
-                "{" + name + "}" == item or item.startswith("{" + name + "}")
-                for item in handler.exec.argv[1:]
-            )
-        ):
+        if handler.http is not None and text in (".", "..") and "{" + name + "}" in handler.http.url:
             raise ParamError(
-                "params.option_like", f"param {name!r} starts with '-': it would be read as an option"
+                "params.dot_segment", f"param {name!r} is a dot segment: it would change the URL's path"
             )
         checked[name] = text
+    if handler.exec is not None:
+        _check_argv(handler, checked)
     return checked
 
 
-def params_digest(action: str, target: str, params: Mapping[str, str]) -> str:
-    """What an execution warrant binds: the action, the target and the params, canonical JSON."""
+def _check_argv(handler: Handler, values: Mapping[str, str]) -> None:
+    """A filled argv item that starts with a template must not start like an option: `-x`, `--x`,
+    or `@file` (response files of curl, gcc, javac …), whatever templates produced it."""
+    assert handler.exec is not None
+    for template in handler.exec.argv[1:]:
+        if not template.startswith("{"):
+            continue
+        filled = fill(template, values)
+        if filled.startswith(("-", "@")):
+            names = ", ".join(repr(n) for n in _template_names(template))
+            raise ParamError(
+                "params.option_like",
+                f"param {names} would start an argument with {filled[0]!r}: it would be read as an option",
+            )
+
+
+def params_digest(action: str, target: str, params: Mapping[str, Any]) -> str:
+    """What an intent warrant binds: the action, the target and the params as typed (`false` is not
+    `"False"`), canonical JSON. Raises ValueError for NaN or infinities (not JSON)."""
     text = json.dumps(
         {"action": action, "target": target, "params": dict(params)},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
+        allow_nan=False,
     )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

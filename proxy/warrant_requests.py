@@ -18,6 +18,7 @@ from policy.rules import RuleSet
 from policy.warrants import (
     ISSUER,
     Approval,
+    Bind,
     Constraints,
     WarrantClaims,
     WarrantKeys,
@@ -331,6 +332,10 @@ def bound_request(request: Mapping[str, Any], intent: Intent) -> Request:
 
 
 def warrant_constraints(request: Mapping[str, Any], intent: Intent, terms: WarrantTerms) -> Constraints:
+    if "method" not in request:
+        # An intent warrant is exact and single use whatever the rule's warrant settings say: it
+        # stands for one approved execution of these params (§13).
+        return constraints_for(bound_request(request, intent), bind=Bind.EXACT, max_uses=1)
     return constraints_for(bound_request(request, intent), bind=terms.bind, max_uses=terms.max_uses)
 
 

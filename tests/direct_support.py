@@ -60,6 +60,7 @@ rules:
     match: {{hosts: [none.invalid]}}
     action: service.restart
     tier: T2
+    warrant: {{max_uses: 5, bind: path}}   # an execution warrant is exact and single use regardless
   - id: drop
     match: {{hosts: [none.invalid]}}
     action: db.drop

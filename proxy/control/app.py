@@ -181,11 +181,13 @@ async def submit_intent(request: web.Request) -> web.Response:
                 "policy_revision": rules.revision,
             }
         )
-    canonical: dict[str, Any] = (
+    canonical: dict[str, Any] | None = (
         canonical_request(http_request)
         if http_request is not None
-        else intent_canonical(action, target, params, None)
+        else _intent_canonical_or_none(action, target, params)
     )
+    if canonical is None:
+        raise _BadRequest("'params' must be plain JSON (no NaN or infinities)")
     try:
         opened = await sidecar.passbacks.open(
             agent=sidecar.settings.agent_id, decision=decision, canonical=canonical
@@ -213,6 +215,13 @@ async def submit_intent(request: web.Request) -> web.Response:
         answer["warrant_id"] = opened.warrant_id
         answer["warrant"] = opened.warrant
     return web.json_response(answer, headers=passback_headers(summary))
+
+
+def _intent_canonical_or_none(action: str, target: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return intent_canonical(action, target, params, None)
+    except ValueError:
+        return None
 
 
 def _params_request(params: dict[str, Any]) -> Any:

@@ -3,6 +3,7 @@ verification of agent-executed passbacks (`/v1/executions/report`, `/v1/warrants
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -26,6 +27,21 @@ if TYPE_CHECKING:
     from proxy.runtime import Sidecar
 
 EXECUTE, INTENT = "EXECUTE", "INTENT"
+MAX_CONCURRENT_EXECUTIONS = 8
+_running = asyncio.Semaphore(MAX_CONCURRENT_EXECUTIONS)
+
+
+def busy() -> bool:
+    """All execution slots are taken: a new execution is refused (429) rather than queued without end."""
+    return _running.locked()
+
+
+def _busy_answer() -> web.Response:
+    return _error(
+        429, "denied", f"{MAX_CONCURRENT_EXECUTIONS} executions are running; retry later", "execution.busy"
+    )
+
+
 _STATUSES = ("succeeded", "failed")
 MAX_REPORTED_RESULT = 64 * 1024
 
@@ -40,7 +56,7 @@ def intent_canonical(
         "action": action,
         "target": target,
         "params": shown,
-        "params_sha256": params_digest(action, target, {k: str(v) for k, v in params.items()}),
+        "params_sha256": params_digest(action, target, dict(params)),
     }
     if handler is not None:
         canonical["handler"] = handler.id
@@ -88,13 +104,16 @@ async def execute_and_record(
             "executed": True,
             "execution_id": execution_id,
             "handler": handler.id,
+            "params": redact(dict(values)),  # what runs, recorded before it runs
+            "params_sha256": params_digest(decision.intent.action, decision.intent.target, values),
             "tier": decision.tier.value,
             "intent": decision.intent.as_dict(),
             "reason_code": "warrant.valid" if warrant_id else decision.reason_code,
             **({"warrant_id": warrant_id} if warrant_id else {}),
         },
     )
-    outcome = await run_handler(sidecar, handler, values)
+    async with _running:
+        outcome = await run_handler(sidecar, handler, values)
     result = outcome.result
     sidecar.recorder.record(
         "execution",
@@ -147,6 +166,8 @@ async def submit_handler_intent(
             deny_body(decision), status=decision.verdict.http_status, headers={"Vienna-Decision": "deny"}
         )
     if not decision.tier.needs_warrant:
+        if busy():
+            return _busy_answer()
         return web.json_response(await execute_and_record(sidecar, handler, values, decision))
     canonical = intent_canonical(action, target, values, handler)
     try:
@@ -204,23 +225,33 @@ def _read(sidecar: Sidecar, token: object) -> WarrantClaims | WarrantRefused:
 
 
 def _intent_mismatch(claims: WarrantClaims, action: object, target: object, params: object) -> str | None:
-    """Which of action, target, params differs from what the warrant was approved for (None: none)."""
-    if action is not None and action != claims.intent.action:
+    """Which of action, target, params differs from what the warrant was approved for (None: none).
+    Nothing given is taken on trust: a missing action or target is a mismatch, missing params are {}."""
+    if action != claims.intent.action:
         return "action"
-    if target is not None and target != claims.intent.target:
+    if target != claims.intent.target:
         return "target"
     con = claims.con
-    if (
-        con.scheme == "intent"
-        and con.body_sha256 is not None
-        and (params is not None or con.method == EXECUTE)
-    ):
-        if not isinstance(params, dict):
+    if con.scheme == "intent" and con.body_sha256 is not None:
+        given = params if params is not None else {}
+        if not isinstance(given, dict):
             return "params"
-        values = {str(k): str(v) for k, v in params.items()}
-        if params_digest(claims.intent.action, claims.intent.target, values) != con.body_sha256:
+        try:
+            digest = params_digest(claims.intent.action, claims.intent.target, given)
+        except ValueError:
+            return "params"
+        if digest != con.body_sha256:
             return "params"
     return None
+
+
+async def _used_up(sidecar: Sidecar, claims: WarrantClaims) -> bool:
+    """Whether every use of the warrant is already counted (checked without counting one)."""
+    if claims.wrq is None:
+        return False
+    view = await sidecar.passbacks.read(claims.wrq)
+    uses = (view or {}).get("warrant_uses")
+    return isinstance(uses, int) and uses >= claims.con.max_uses
 
 
 async def _consume(sidecar: Sidecar, claims: WarrantClaims, token: str) -> tuple[str, str] | None:
@@ -287,6 +318,8 @@ async def execute(request: web.Request) -> web.Response:
             f"a {claims.tier} warrant does not cover a {decision.tier} intent",
             "warrant.tier",
         )
+    if busy():  # checked before the use is counted: a busy answer costs no use
+        return _busy_answer()
     try:
         refused = await _consume(sidecar, claims, str(body["warrant"]))
     except AuthorityUnavailable as exc:
@@ -317,7 +350,12 @@ async def report(request: web.Request) -> web.Response:
     status, result = body.get("status"), body.get("result", {})
     if status not in _STATUSES:
         return _error(400, "bad_request", "'status' must be succeeded or failed", "report.status")
-    result_text = json.dumps(result, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        result_text = json.dumps(result, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return _error(
+            400, "bad_request", "'result' must be plain JSON (no NaN or infinities)", "report.result"
+        )
     if len(result_text) > MAX_REPORTED_RESULT:
         return _error(
             413, "bad_request", f"'result' is larger than {MAX_REPORTED_RESULT} bytes", "report.too_large"
@@ -330,8 +368,14 @@ async def report(request: web.Request) -> web.Response:
         violations.append(claims.code)
     else:
         warrant_id = claims.jti
-        mismatch = _intent_mismatch(claims, body.get("action"), body.get("target"), body.get("params"))
-        if mismatch is not None:
+        # What the report names is checked; what it leaves out is not taken as a claim.
+        mismatch = _intent_mismatch(
+            claims,
+            body.get("action", claims.intent.action),
+            body.get("target", claims.intent.target),
+            body.get("params"),
+        )
+        if mismatch is not None and (mismatch != "params" or "params" in body):
             violations.append(f"warrant.mismatch.{mismatch}")
         reported = result.get("request") if isinstance(result, dict) else None
         if (
@@ -385,10 +429,24 @@ async def verify_warrant(request: web.Request) -> web.Response:
     consume = body.get("consume", False)
     if not isinstance(consume, bool):
         return _error(400, "bad_request", "'consume' must be true or false", "request.invalid")
+    if not isinstance(body.get("action"), str) or not isinstance(body.get("target", ""), str):
+        return _error(
+            400,
+            "bad_request",
+            "'action' (and 'target') are what the warrant is checked against",
+            "request.invalid",
+        )
+    body.setdefault("target", "")
     claims = _read(sidecar, body.get("warrant"))
     answer: dict[str, Any]
     if isinstance(claims, WarrantRefused):
         answer = {"valid": False, "reason_code": claims.code, "reason": claims.reason}
+    elif claims.con.scheme != "intent" or claims.con.method != INTENT:
+        answer = {
+            "valid": False,
+            "reason_code": "warrant.not_verifiable",
+            "reason": "this warrant is used by the proxy or by /v1/executions, not by a downstream service",
+        }
     else:
         mismatch = _intent_mismatch(claims, body.get("action"), body.get("target"), body.get("params"))
         if mismatch is not None:
@@ -403,7 +461,19 @@ async def verify_warrant(request: web.Request) -> web.Response:
                 "reason_code": "warrant.valid",
                 "reason": f"warrant {claims.jti} approved by {', '.join(a.who for a in claims.approvals)}",
             }
-            if consume:
+            try:
+                used_up = not consume and await _used_up(sidecar, claims)
+            except AuthorityUnavailable as exc:
+                return _error(
+                    503, "unavailable", f"the authority cannot be reached: {exc}", "authority.unavailable"
+                )
+            if used_up:
+                answer = {
+                    "valid": False,
+                    "reason_code": "warrant.replayed",
+                    "reason": "warrant already used up",
+                }
+            elif consume:
                 try:
                     refused = await _consume(sidecar, claims, str(body["warrant"]))
                 except AuthorityUnavailable as exc:

@@ -35,6 +35,8 @@ from policy.normalize import (
 from proxy.answers import (
     DECISION_HEADER,
     DECISION_ID_HEADER,
+    WARRANT_REQUEST_HEADER,
+    WARRANT_REQUEST_URL_HEADER,
     deny_body,
     json_response,
     passback_headers,
@@ -578,6 +580,10 @@ class EnforcementAddon:
                 return
             flow.response.stream = exchange.response_chunk
             flow.response.headers[DECISION_HEADER] = flow.metadata.get("vienna.decision", "allow")
+            # Only the sidecar names warrant requests: an upstream's copies of these headers would
+            # send SDKs to wait on (and fetch) a URL of the upstream's choosing.
+            for name in (WARRANT_REQUEST_HEADER, WARRANT_REQUEST_URL_HEADER):
+                flow.response.headers.pop(name, None)
             flow.response.headers[DECISION_ID_HEADER] = exchange.decision_id
         except Exception:
             log.exception("response headers failed; cutting the exchange")

@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import ssl
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,6 +96,7 @@ async def run_exec(handler: Handler, values: Mapping[str, str]) -> Outcome:
     env.update({name: os.environ[name] for name in spec.env if name in os.environ})
     secrets = _secrets_in(env)
     outcome = Outcome(status="failed", result={})
+    workdir = tempfile.mkdtemp(prefix="vienna-exec-")  # an empty working directory, not the sidecar's
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -101,10 +104,12 @@ async def run_exec(handler: Handler, values: Mapping[str, str]) -> Outcome:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            cwd=workdir,
             start_new_session=True,  # its own process group: a timeout kills every child too
             close_fds=True,
         )
     except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
         outcome.result = {
             "exit_code": None,
             "stdout": "",
@@ -118,15 +123,26 @@ async def run_exec(handler: Handler, values: Mapping[str, str]) -> Outcome:
         _drain(process.stdout, MAX_OUTPUT_BYTES), _drain(process.stderr, MAX_OUTPUT_BYTES)
     )
     timed_out = False
+    out = err = b""
+    out_total = err_total = 0
     try:
-        (out, out_total), (err, err_total) = await asyncio.wait_for(asyncio.shield(readers), spec.timeout)
-        await asyncio.wait_for(process.wait(), max(0.1, spec.timeout))
-    except TimeoutError:
-        timed_out = True
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-        (out, out_total), (err, err_total) = await readers
+        try:
+            (out, out_total), (err, err_total) = await asyncio.wait_for(asyncio.shield(readers), spec.timeout)
+            await asyncio.wait_for(process.wait(), max(0.1, spec.timeout))
+        except TimeoutError:
+            timed_out = True
+    finally:
+        # Always: on a timeout, on cancellation (shutdown), and after a normal exit (a background
+        # child it left behind dies with the group).
+        _kill_group(process.pid)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 5.0)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if timed_out:
+        try:
+            (out, out_total), (err, err_total) = await asyncio.wait_for(readers, 5.0)
+        except TimeoutError:  # a grandchild in another session holds the pipes: stop reading
+            readers.cancel()
     stdout, stdout_cut = _bounded_text(out, out_total, secrets)
     stderr, stderr_cut = _bounded_text(err, err_total, secrets)
     outcome.result = {
@@ -144,6 +160,11 @@ async def run_exec(handler: Handler, values: Mapping[str, str]) -> Outcome:
     else:
         outcome.error = "exec.exit_code"
     return _done(outcome)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _done(outcome: Outcome) -> Outcome:
@@ -271,7 +292,8 @@ async def run_sql(handler: Handler, values: Mapping[str, str]) -> Outcome:
         return _done(outcome)
     outcome.status = "succeeded"
     outcome.result = {
-        "rows": [dict(zip(columns, (_json_safe(v) for v in row), strict=True)) for row in rows],
+        # secret-named columns (password, token, …) redacted like every other output
+        "rows": [redact(dict(zip(columns, (_json_safe(v) for v in row), strict=True))) for row in rows],
         "row_count": len(rows),
         "rows_truncated": truncated,
     }

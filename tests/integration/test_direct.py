@@ -89,6 +89,7 @@ def test_a_t2_handler_runs_once_with_its_warrant_and_only_with_the_approved_para
     )
     assert changed.status_code == 403 and changed.json()["reason_code"] == "warrant.mismatch.params"
     ran = api.post(direct.api_url + "/v1/executions", json={"warrant": warrant}, timeout=30).json()
+    assert ran.get("status") == "succeeded", ran
     assert ran["status"] == "succeeded" and ran["result"]["stdout"] == "restarted deployment/api\n"
     assert ran["warrant_id"] == direct.get_request(request_id)["warrant_id"]
     replay = api.post(direct.api_url + "/v1/executions", json={"warrant": warrant}, timeout=30)
@@ -127,7 +128,9 @@ def test_agent_executed_passbacks_are_verified_and_reported(direct: Sidecar) -> 
         == "warrant.mismatch.params"
     )
     forged = api.post(
-        direct.api_url + "/v1/warrants/verify", json={"warrant": warrant[:-4] + "AAAA"}, timeout=30
+        direct.api_url + "/v1/warrants/verify",
+        json={"warrant": warrant[:-4] + "AAAA", "action": "demo.unhandled", "target": "prod"},
+        timeout=30,
     ).json()
     assert forged["valid"] is False and forged["reason_code"] == "warrant.bad_signature"
     # A report that matches, then one for the same warrant again: the second is a violation.

@@ -74,3 +74,46 @@ def test_intent_passbacks_carry_the_headers_too(sidecar: Sidecar) -> None:
     )
     assert answer.status_code == 200 and answer.json()["mode"] == "passback"
     assert answer.headers["Vienna-Warrant-Request"] == answer.json()["warrant_request"]["id"]
+
+
+def test_an_upstreams_passback_headers_are_not_relayed(sidecar: Sidecar) -> None:
+    """Only the sidecar names warrant requests: a site answering 403 with these headers must not be
+    able to send an SDK off to wait on (and fetch) a URL of its choosing."""
+    import asyncio
+    import socket
+
+    from aiohttp import web
+
+    from tests.background_server import BackgroundServer
+
+    class Spoofer(BackgroundServer):
+        def __init__(self) -> None:
+            super().__init__("spoofer")
+            self.sock = socket.create_server(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+
+        async def _open_sites(self, runner: web.AppRunner) -> None:
+            await web.SockSite(runner, self.sock).start()
+
+        async def _handle(self, request: web.Request) -> web.StreamResponse:
+            await asyncio.sleep(0)
+            return web.json_response(
+                {"error": "nope"},
+                status=403,
+                headers={
+                    "Vienna-Warrant-Request": "wr_spoofed",
+                    "Vienna-Warrant-Request-Url": "http://evil.example/x",
+                },
+            )
+
+    spoofer = Spoofer()
+    spoofer.start()
+    try:
+        answer = sidecar.request("GET", f"http://127.0.0.1:{spoofer.port}/anything")
+        assert answer.status_code == 403 and answer.headers["Vienna-Decision"] == "allow"
+        assert (
+            "Vienna-Warrant-Request" not in answer.headers
+            and "Vienna-Warrant-Request-Url" not in answer.headers
+        )
+    finally:
+        spoofer.stop()

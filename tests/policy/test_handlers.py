@@ -220,3 +220,53 @@ def test_sql_placeholders_skip_literals_comments_and_casts() -> None:
     query = "SELECT ':a', \"col:b\", x::int -- :c\n/* :d */ FROM t WHERE y = :e AND z LIKE '50%' AND w = :e"
     assert [name for _, _, name in sql_placeholders(query)] == ["e", "e"]
     assert sql_to_pyformat(query).endswith("y = %(e)s AND z LIKE '50%%' AND w = %(e)s")
+
+
+def test_an_option_cannot_be_assembled_from_two_params_nor_a_dot_segment_walk_the_url() -> None:
+    rules = load_rules(
+        BASE
+        + "handlers:\n"
+        + "  - {id: c, action: x.cat, params: {pre: {pattern: '.*'}, arg: {pattern: '.*'}}, exec: {argv: [cat, '{pre}{arg}']}}\n"
+        + "  - {id: u, action: x.get, params: {id: {pattern: '[a-z.]+'}}, http: {url: 'https://a.example/v1/users/{id}/sessions'}}\n"
+    )
+    cat = rules.handler("x.cat")
+    assert cat is not None
+    for pre, arg in (("", "-rf"), ("-", "x"), ("", "@/etc/passwd")):
+        with pytest.raises(ParamError) as refused:
+            check_params(cat, "", {"pre": pre, "arg": arg})
+        assert refused.value.code == "params.option_like"
+    get = rules.handler("x.get")
+    assert get is not None
+    for value in ("..", "."):
+        with pytest.raises(ParamError) as walked:
+            check_params(get, "", {"id": value})
+        assert walked.value.code == "params.dot_segment"
+    assert check_params(get, "", {"id": "a.b"}) == {"id": "a.b"}
+
+
+def test_url_params_need_a_pattern_and_sql_is_one_statement() -> None:
+    with pytest.raises(PolicyError, match="goes into the URL"):
+        load_rules(
+            BASE
+            + "handlers:\n  - {id: u, action: x.y, params: {p: {}}, http: {url: 'https://a.example/{p}'}}\n"
+        )
+    with pytest.raises(PolicyError, match="one statement only"):
+        load_rules(
+            BASE
+            + "handlers:\n  - {id: q, action: x.y, sql: {dsn_env: D, query: 'SELECT 1; COMMIT; DELETE FROM t'}}\n"
+        )
+
+
+def test_a_target_the_handler_does_not_take_is_refused() -> None:
+    ticket = load_rules(GOOD).handler("ticket.create")
+    assert ticket is not None
+    with pytest.raises(ParamError) as refused:
+        check_params(ticket, "prod", {"title": "t", "kind": "bug"})
+    assert refused.value.code == "params.target_unused"
+
+
+def test_the_digest_keeps_types() -> None:
+    assert params_digest("a", "", {"force": False}) != params_digest("a", "", {"force": "False"})
+    assert params_digest("a", "", {"n": 1}) != params_digest("a", "", {"n": "1"})
+    with pytest.raises(ValueError):
+        params_digest("a", "", {"n": float("nan")})

@@ -6,8 +6,10 @@ warrant, run with params other than the approved ones. Real `vienna run`, real p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from tests.direct_support import events, intent
 from tests.integration.harness import Sidecar, Upstream, new_session
@@ -100,3 +102,78 @@ def test_bad_params_are_refused_before_anything_runs(direct: Sidecar) -> None:
     assert not [e for e in events(direct)[before:] if e.type == "execution"]
     denied = intent(direct, "db.drop")
     assert denied.status_code == 403 and denied.json()["error"] == "denied"
+
+
+def test_verify_takes_nothing_on_trust(direct: Sidecar) -> None:
+    api = new_session()
+    passback = intent(direct, "demo.unhandled", "prod", force=False).json()
+    request_id = passback["warrant_request"]["id"]
+    assert direct.approve(request_id, "alice").status_code == 200
+    assert direct.approve(request_id, "bob").status_code == 200
+    warrant = direct.get_request(request_id)["warrant"]
+
+    def verify(**body: Any) -> requests.Response:
+        return api.post(direct.api_url + "/v1/warrants/verify", json={"warrant": warrant, **body}, timeout=30)
+
+    assert verify().status_code == 400  # no action: nothing to check the warrant against
+    assert (
+        verify(action="demo.unhandled", target="prod", params={"force": "False"}).json()["reason_code"]
+        == "warrant.mismatch.params"
+    )
+    assert (
+        verify(action="demo.unhandled", target="prod").json()["reason_code"] == "warrant.mismatch.params"
+    )  # params omitted
+    assert verify(action="demo.unhandled", target="prod", params={"force": False}).json()["valid"] is True
+    assert (
+        verify(action="demo.unhandled", target="prod", params={"force": False}, consume=True).json()[
+            "consumed"
+        ]
+        is True
+    )
+    used = verify(action="demo.unhandled", target="prod", params={"force": False}).json()  # without consuming
+    assert used["valid"] is False and used["reason_code"] == "warrant.replayed"
+    # An execution warrant is for /v1/executions only.
+    execution = intent(direct, "service.restart", "verify-me", reason="r").json()
+    assert direct.approve(execution["warrant_request"]["id"], "alice").status_code == 200
+    exec_warrant = direct.get_request(execution["warrant_request"]["id"])["warrant"]
+    other = api.post(
+        direct.api_url + "/v1/warrants/verify",
+        json={"warrant": exec_warrant, "action": "service.restart", "target": "verify-me"},
+        timeout=30,
+    ).json()
+    assert other["valid"] is False and other["reason_code"] == "warrant.not_verifiable"
+
+
+def test_an_execution_warrant_is_single_use_whatever_the_rule_says(direct: Sidecar) -> None:
+    import base64
+    import json
+
+    passback = intent(direct, "service.restart", "once", reason="r").json()  # the rule says max_uses: 5
+    assert direct.approve(passback["warrant_request"]["id"], "alice").status_code == 200
+    warrant = direct.get_request(passback["warrant_request"]["id"])["warrant"]
+    con = json.loads(base64.urlsafe_b64decode(warrant.split(".")[1] + "=="))["con"]
+    assert con["max_uses"] == 1 and con["body_sha256"] and con["query"] == "target=once"
+
+
+def test_a_report_that_is_not_json_costs_no_use_and_is_refused(direct: Sidecar) -> None:
+    passback = intent(direct, "demo.unhandled", "nan").json()
+    request_id = passback["warrant_request"]["id"]
+    assert (
+        direct.approve(request_id, "alice").status_code == 200
+        and direct.approve(request_id, "bob").status_code == 200
+    )
+    warrant = direct.get_request(request_id)["warrant"]
+    api = new_session()
+    refused = api.post(
+        direct.api_url + "/v1/executions/report",
+        data=b'{"warrant": "%s", "status": "succeeded", "result": {"x": NaN}}' % warrant.encode(),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert refused.status_code == 400 and refused.json()["reason_code"] == "report.result"
+    ok = api.post(
+        direct.api_url + "/v1/executions/report",
+        json={"warrant": warrant, "status": "succeeded", "result": {}},
+        timeout=30,
+    ).json()
+    assert ok["valid"] is True  # the refused report did not use the warrant up

@@ -200,3 +200,43 @@ def test_the_sdk_depends_on_httpx_only() -> None:
 
     for module in (vienna_sdk.client, vienna_sdk.transport):
         assert "mitmproxy" not in Path(module.__file__ or "").read_text()
+
+
+def test_the_transport_waits_only_on_the_sidecars_own_refusals() -> None:
+    calls: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        return httpx.Response(
+            403,
+            headers={
+                "Vienna-Decision": "allow",
+                "Vienna-Warrant-Request": "wr_x",
+                "Vienna-Warrant-Request-Url": "http://127.0.0.1:9/v1/warrant-requests/wr_x",
+            },
+        )
+
+    vienna = Vienna("http://127.0.0.1:9")  # nothing listens there: a wait would fail loudly
+    with httpx.Client(
+        transport=WarrantTransport(vienna, wait_timeout=5, transport=httpx.MockTransport(upstream))
+    ) as client:
+        assert client.get("http://example.test/").status_code == 403  # an upstream's 403, handed back at once
+
+    def elsewhere(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            403,
+            headers={
+                "Vienna-Decision": "deny",
+                "Vienna-Warrant-Request": "wr_x",
+                "Vienna-Warrant-Request-Url": "http://evil.test/v1/warrant-requests/wr_x",
+            },
+        )
+
+    with httpx.Client(
+        transport=WarrantTransport(vienna, wait_timeout=5, transport=httpx.MockTransport(elsewhere))
+    ) as client:
+        assert (
+            client.get("http://example.test/").status_code == 403
+        )  # a URL off the sidecar's API is never polled
+    assert calls == ["http://example.test/"]
+    vienna.close()

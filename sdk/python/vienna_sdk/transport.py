@@ -15,13 +15,17 @@ REQUEST_URL_HEADER = "Vienna-Warrant-Request-Url"
 WARRANT_HEADER = "Vienna-Warrant"
 
 
-def _passback_url(request: httpx.Request, response: httpx.Response) -> str | None:
+def _passback_url(request: httpx.Request, response: httpx.Response, endpoint: str) -> str | None:
+    """The warrant request to wait for: only on the sidecar's own refusal, and only at the sidecar's
+    API (`endpoint`); a URL elsewhere is never fetched."""
     if response.status_code != 403 or WARRANT_HEADER in request.headers:
         return None
-    if REQUEST_HEADER not in response.headers:
+    if response.headers.get("Vienna-Decision") != "deny" or REQUEST_HEADER not in response.headers:
         return None
-    url = response.headers.get(REQUEST_URL_HEADER)
-    return str(url) if url else None
+    url = str(response.headers.get(REQUEST_URL_HEADER) or "")
+    if not url.startswith(endpoint.rstrip("/") + "/v1/warrant-requests/"):
+        return None
+    return url
 
 
 def _with_warrant(request: httpx.Request, warrant: str) -> httpx.Request:
@@ -51,7 +55,7 @@ class WarrantTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()  # the body is sent twice at most: keep it
         response = self._inner.handle_request(request)
-        url = _passback_url(request, response)
+        url = _passback_url(request, response, self.vienna.endpoint)
         if url is None:
             return response
         try:
@@ -83,7 +87,7 @@ class AsyncWarrantTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
         response = await self._inner.handle_async_request(request)
-        url = _passback_url(request, response)
+        url = _passback_url(request, response, self.vienna.endpoint)
         if url is None:
             return response
         try:

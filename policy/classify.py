@@ -6,10 +6,11 @@ import heapq
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
+from policy.mcp import McpAmbiguous, McpBody, McpMessage, parse_mcp, template_values, tool_matches
 from policy.model import Intent, Request, Tier, highest_tier
 from policy.rules import CEL_REQUEST_FIELDS, DEFAULT_TARGET, Rule, RuleSet
 from policy.templates import render_target
@@ -19,7 +20,7 @@ _MAX_PARSED_BODY = 1 << 20
 _WHEN_FAILURE_FLOOR = Tier.T2
 _SORT_CANDIDATES_UP_TO = 64
 # Document order of the `request` fields, as cel_context has always listed them.
-_REQUEST_FIELDS = ("method", "scheme", "host", "port", "path", "query", "headers", "json", "form")
+_REQUEST_FIELDS = ("method", "scheme", "host", "port", "path", "query", "headers", "json", "form", "mcp")
 _ALL_INPUTS = frozenset({*CEL_REQUEST_FIELDS, "agent"})
 
 
@@ -102,6 +103,8 @@ def _pairs_to_map(text: str) -> dict[str, str | int]:
 
 
 AMBIGUOUS_PARAMETER = "request.ambiguous_parameter"
+AMBIGUOUS_JSONRPC = "request.ambiguous_jsonrpc"
+_MCP_TEMPLATE = re.compile(r"\{(tool|arguments\.[A-Za-z_][A-Za-z0-9_-]*)\}")
 _ALL_KEYS = "*"
 
 
@@ -210,7 +213,32 @@ def _request_field(request: Request, name: str) -> Any:
         return headers
     if name in ("json", "form"):
         return _body(request, name)
+    if name == "mcp":
+        message = _single_message(request)
+        if message is None:
+            return {"method": "", "tool": "", "arguments": {}}
+        return {
+            "method": message.method,
+            "tool": message.tool or "",
+            "arguments": dict(message.arguments or {}),
+        }
     return getattr(request, name)
+
+
+def _mcp_body(request: Request) -> McpBody | None:
+    if request.method != "POST":
+        return None
+    try:
+        return parse_mcp(request.body, request.header("content-type"))
+    except McpAmbiguous:
+        return None
+
+
+def _single_message(request: Request) -> McpMessage | None:
+    body = _mcp_body(request)
+    if body is None or body.batch or len(body.messages) != 1:
+        return None
+    return body.messages[0]
 
 
 def _body(request: Request, kind: str) -> Any:
@@ -253,6 +281,61 @@ def _evaluate(rule: Rule, inputs: _WhenInputs) -> tuple[bool | None, str]:
 
 
 def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
+    """The rule that decides `request`. A JSON-RPC body bound for an endpoint with MCP rules is read
+    strictly; a batch (or several messages) is classified message by message and takes the highest
+    tier of them all (§14: refused as a whole)."""
+    if rules.has_mcp_rules and request.method == "POST" and _mcp_candidate(request, rules):
+        try:
+            body = parse_mcp(request.body, request.header("content-type"))
+        except McpAmbiguous as exc:
+            return Classification(
+                intent=Intent(action="mcp.ambiguous", target=f"{request.host}{request.path}", rule=None),
+                tier=Tier.DENY,
+                rule=None,
+                reason_code=AMBIGUOUS_JSONRPC,
+                reason=f"the JSON-RPC body can be read more than one way ({exc}); it is not guessed",
+            )
+        if body is not None and (body.batch or len(body.messages) > 1):
+            parts = [
+                _classify_one(
+                    replace(request, body=_message_body(message), body_sha256=request.body_sha256),
+                    rules,
+                    agent=agent,
+                )
+                for message in body.messages
+            ]
+            worst = max(parts, key=lambda part: part.tier.rank)
+            if len(parts) > 1:
+                calls = sum(1 for m in body.messages if m.method == "tools/call")
+                worst = replace(
+                    worst,
+                    reason=f"{worst.reason} (a batch of {len(parts)} messages, {calls} tool calls: the highest tier of them decides)",
+                )
+            return worst
+    return _classify_one(request, rules, agent=agent)
+
+
+def _mcp_candidate(request: Request, rules: RuleSet) -> bool:
+    for position in candidate_rules(rules, request.host):
+        rule = rules.rules[position]
+        if rule.mcp_tools is None or (rule.hosts is not None and not _host_matches(rule, request)):
+            continue
+        if _path_captures(rule, request) is not None:
+            return True
+    return False
+
+
+def _message_body(message: McpMessage) -> bytes:
+    """One message of a batch, as a body of its own (what its classification reads)."""
+    item: dict[str, Any] = {"jsonrpc": "2.0", "method": message.method}
+    if message.has_id:
+        item["id"] = message.id
+    if message.method == "tools/call":
+        item["params"] = {"name": message.tool, "arguments": dict(message.arguments or {})}
+    return json.dumps(item, separators=(",", ":")).encode()
+
+
+def _classify_one(request: Request, rules: RuleSet, *, agent: str) -> Classification:
     inputs: _WhenInputs | None = None
     # A `when` that cannot be evaluated counts as matching at the highest tier it could give:
     # its own, or whatever a later rule (or default_tier) gives, and never below T2.
@@ -267,6 +350,11 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
         captured = _path_captures(rule, request)
         if captured is None:
             continue
+        if rule.mcp_tools is not None:
+            message = _single_message(request)
+            if message is None or message.tool is None or not tool_matches(rule.mcp_tools, message.tool):
+                continue
+            captured = {**captured, **template_values(message)}
         if rule.when_program is not None:
             if inputs is None:
                 inputs = _WhenInputs(request, agent)
@@ -325,6 +413,9 @@ def _when_failed(failed: tuple[Rule, dict[str, str], str], request: Request, tie
 
 
 def _intent(rule: Rule, request: Request, captured: dict[str, str]) -> Intent:
+    action = rule.action
+    if rule.mcp_tools is not None and "{" in action:
+        action = _MCP_TEMPLATE.sub(lambda m: captured.get(m.group(1), ""), action)
     if rule.target == DEFAULT_TARGET:
         target = f"{request.host}{request.path}"
     elif "{" not in rule.target:
@@ -339,8 +430,11 @@ def _intent(rule: Rule, request: Request, captured: dict[str, str]) -> Intent:
             "query": request.query,
             **captured,
         }
-        target = render_target(rule.target, values)
-    return Intent(action=rule.action, target=target, rule=rule.id)
+        target = render_target(rule.target, values)  # {tool} is a captured value like any other
+        if rule.mcp_tools is not None:
+            # {arguments.NAME} last, in one pass: an argument's own text is never expanded again
+            target = _MCP_TEMPLATE.sub(lambda m: captured.get(m.group(1), ""), target)
+    return Intent(action=action, target=target, rule=rule.id)
 
 
 def body_needed(request: Request, rules: RuleSet, *, agent: str, warrant: bool) -> bool:

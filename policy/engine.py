@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from policy.addresses import is_internal, parse_ip
-from policy.classify import AMBIGUOUS_PARAMETER, Classification, classify
+from policy.classify import AMBIGUOUS_JSONRPC, AMBIGUOUS_PARAMETER, Classification, classify
 from policy.model import Decision, Intent, Request, Tier, Verdict
 from policy.normalize import AmbiguousRequest
 from policy.rules import RuleSet
@@ -125,8 +125,8 @@ def _decide(
                 f"{request.wire_method} with a method-override header naming {request.method}: the upstream "
                 "may run either; send the method itself",
             )
-    if found.reason_code == AMBIGUOUS_PARAMETER:
-        return _decision(found, rules, Verdict.BAD_REQUEST, AMBIGUOUS_PARAMETER, found.reason)
+    if found.reason_code in (AMBIGUOUS_PARAMETER, AMBIGUOUS_JSONRPC):
+        return _decision(found, rules, Verdict.BAD_REQUEST, found.reason_code, found.reason)
     if found.tier is Tier.DENY:
         return _decision(
             found, rules, Verdict.DENIED, "policy.deny", f"{found.reason}: tier deny never passes"

@@ -34,25 +34,33 @@ _RULE_KEYS = frozenset(
         "description",
         "websocket",
         "passthrough",
+        "inject",
     }
 )
-_MATCH_KEYS = frozenset({"hosts", "methods", "paths"})
+_MATCH_KEYS = frozenset({"hosts", "methods", "paths", "mcp_tools"})
 _TOP_KEYS = frozenset({"version", "default_tier", "rules", "description", "handlers"})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ACTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 _DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h)$")
 _RATE = re.compile(r"^([1-9][0-9]{0,6})/(s|m|h)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
-_BINDS = ("exact", "path", "host")
+_BINDS = ("exact", "path", "host", "mcp")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_SECRET_REF = re.compile(r"\{secret:([A-Za-z0-9][A-Za-z0-9._-]{0,127})\}")
+_MCP_TEMPLATE = re.compile(r"\{(tool|arguments\.[A-Za-z_][A-Za-z0-9_-]*)\}")
+# Headers a rule may never inject: they frame or route the request, or are the sidecar's own.
+_NOT_INJECTABLE = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "vienna-warrant", "via"}
+)
 # CEL macros bind an iteration variable (`request.headers.exists(h, ...)`) that the binding's
 # variables() lists alongside the free ones; those names are not unknown.
 _CEL_MACRO_VARIABLE = re.compile(
     r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,"
 )
 CEL_REQUEST_FIELDS = frozenset(
-    {"method", "scheme", "host", "port", "path", "query", "headers", "json", "form"}
+    {"method", "scheme", "host", "port", "path", "query", "headers", "json", "form", "mcp"}
 )
-_BODY_INPUTS = frozenset({"json", "form"})
+_BODY_INPUTS = frozenset({"json", "form", "mcp"})
 _CEL_ROOT = re.compile(r"(?<![\w.])(request|agent)(?!\w)")
 _CEL_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -128,10 +136,20 @@ class Rule:
     warrant: WarrantPolicy = field(default_factory=WarrantPolicy)
     websocket: bool = False  # a WebSocket upgrade matching this rule is relayed
     passthrough: bool = False  # a CONNECT to a matching host:port is a raw tunnel, not intercepted
+    # §14: matches a JSON-RPC tools/call (or a batch holding one) whose tool name fits a glob
+    mcp_tools: tuple[str, ...] | None = None
+    # §14: headers set on the forwarded request only, after the decision; `{secret:NAME}` templates
+    inject_headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def secret_names(self) -> frozenset[str]:
+        return frozenset(name for _, value in self.inject_headers for name in _SECRET_REF.findall(value))
 
     @property
     def reads_body(self) -> bool:
         """Whether this rule's `when` reads the body (json/form), so the body must be buffered to decide."""
+        if self.mcp_tools is not None:
+            return True  # the tool name is in the body
         if self.when_program is None:
             return False
         return self.when_inputs is None or bool(self.when_inputs & _BODY_INPUTS)
@@ -153,6 +171,15 @@ class RuleSet:
     by_id: Mapping[str, Rule] = field(default_factory=dict)
     warnings: tuple[PolicyIssue, ...] = ()
     handlers: Mapping[str, Handler] = field(default_factory=dict)  # by action (Vienna Direct)
+
+    @property
+    def secret_names(self) -> frozenset[str]:
+        """Every `{secret:NAME}` an inject of any rule uses (`policy check --secrets-dir` checks them)."""
+        return frozenset().union(*(rule.secret_names for rule in self.rules))
+
+    @property
+    def has_mcp_rules(self) -> bool:
+        return any(rule.mcp_tools is not None for rule in self.rules)
 
     def handler(self, action: str) -> Handler | None:
         return self.handlers.get(action)
@@ -328,7 +355,13 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
             at("id"), f"{where}.id", f"{rule_id!r} must be a name of letters, digits, '-', '_', '.', ':'"
         )
     action = raw.get("action")
-    if not isinstance(action, str) or not _ACTION.fullmatch(action):
+    mcp_match = isinstance(raw.get("match"), LineMap) and "mcp_tools" in raw["match"]
+    shown_action = _MCP_TEMPLATE.sub("x", action) if isinstance(action, str) and mcp_match else action
+    if (
+        not isinstance(action, str)
+        or not isinstance(shown_action, str)
+        or not _ACTION.fullmatch(shown_action)
+    ):
         issues.add(at("action"), f"{where}.action", f"{action!r} must be a name like github.delete_repo")
     tier = Tier.T3
     if "tier" not in raw:
@@ -340,6 +373,11 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
             issues.add(at("tier"), f"{where}.tier", str(exc))
 
     hosts, methods, paths = _parse_match(raw.get("match"), where, at("match"), issues)
+    mcp_tools = _parse_mcp_tools(raw.get("match"), where, at("match"), issues)
+    if mcp_tools is not None and methods is not None and methods != frozenset({"POST"}):
+        issues.add(
+            at("match"), f"{where}.match.methods", "an MCP tool call is a POST: give methods [POST] or none"
+        )
     when, program = _parse_when(raw.get("when"), where, at("when"), issues)
     target = raw.get("target", DEFAULT_TARGET)
     if not isinstance(target, str) or not target:
@@ -347,16 +385,27 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         target = DEFAULT_TARGET
     elif paths is not None or "target" in raw:
         captured = set.intersection(*(set(p.variables) for p in paths)) if paths else set()
+        if mcp_tools is not None:
+            captured.add("tool")
+        elif _MCP_TEMPLATE.search(target):
+            issues.add(at("target"), f"{where}.target", "{tool} and {arguments.NAME} need match.mcp_tools")
         try:
-            check_target(target, captured)
+            check_target(_MCP_TEMPLATE.sub("x", target) if mcp_tools is not None else target, captured)
         except TemplateError as exc:
             issues.add(at("target"), f"{where}.target", str(exc))
     limits = _parse_limits(raw.get("limits"), tier, where, at("limits"), issues)
-    warrant = _parse_warrant(raw.get("warrant"), tier, where, at("warrant"), issues)
+    warrant = _parse_warrant(
+        raw.get("warrant"), tier, where, at("warrant"), issues, mcp=mcp_tools is not None
+    )
+    inject = _parse_inject(raw.get("inject"), tier, where, at("inject"), issues)
     websocket = _parse_flag(raw, "websocket", where, at("websocket"), issues)
     passthrough = _parse_flag(raw, "passthrough", where, at("passthrough"), issues)
     if passthrough:
         _check_passthrough(raw, tier, methods, paths, when, where, at("passthrough"), issues)
+        if inject:
+            issues.add(
+                at("inject"), f"{where}.inject", "a passthrough tunnel is not read: nothing can be injected"
+            )
         if websocket:
             issues.add(
                 at("websocket"), f"{where}.websocket", "a passthrough tunnel is not HTTP: no WebSocket"
@@ -381,7 +430,57 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         warrant=warrant,
         websocket=websocket,
         passthrough=passthrough,
+        mcp_tools=mcp_tools,
+        inject_headers=inject,
     )
+
+
+def _parse_mcp_tools(raw: Any, where: str, line: int, issues: _Collector) -> tuple[str, ...] | None:
+    if not isinstance(raw, LineMap) or "mcp_tools" not in raw:
+        return None
+    value = raw["mcp_tools"]
+    at = _key_line(raw, "mcp_tools", line)
+    if not isinstance(value, LineSeq) or not value or not all(isinstance(v, str) and v for v in value):
+        issues.add(
+            at, f"{where}.match.mcp_tools", "must be a non-empty list of tool names or globs (* ? [..])"
+        )
+        return None
+    return tuple(value)
+
+
+def _parse_inject(
+    raw: Any, tier: Tier, where: str, line: int, issues: _Collector
+) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, LineMap) or set(raw) != {"headers"} or not isinstance(raw["headers"], LineMap):
+        issues.add(
+            line, f"{where}.inject", "must be {headers: {Name: value}} (values may hold {secret:NAME})"
+        )
+        return ()
+    if tier is Tier.DENY:
+        issues.add(line, f"{where}.inject", "a deny rule forwards nothing: nothing to inject into")
+    headers: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, value in raw["headers"].items():
+        at = _key_line(raw["headers"], name, line)
+        path = f"{where}.inject.headers.{name}"
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name) or name.lower() in _NOT_INJECTABLE:
+            issues.add(at, path, "not a header that can be injected")
+            continue
+        if name.lower() in seen:
+            issues.add(at, path, "given twice")
+            continue
+        if not isinstance(value, str) or any(ch in value for ch in "\r\n\x00"):
+            issues.add(at, path, "must be a one-line string")
+            continue
+        leftover = _SECRET_REF.sub("", value)
+        if "{secret:" in leftover:
+            issues.add(at, path, "a secret name is letters, digits, '.', '_' and '-': {secret:NAME}")
+            continue
+        seen.add(name.lower())
+        headers.append((name, value))
+    return tuple(headers)
 
 
 def _parse_flag(raw: LineMap, key: str, where: str, line: int, issues: _Collector) -> bool:
@@ -567,9 +666,12 @@ def _parse_limits(raw: Any, tier: Tier, where: str, line: int, issues: _Collecto
         return None
 
 
-def _parse_warrant(raw: Any, tier: Tier, where: str, line: int, issues: _Collector) -> WarrantPolicy:
+def _parse_warrant(
+    raw: Any, tier: Tier, where: str, line: int, issues: _Collector, *, mcp: bool = False
+) -> WarrantPolicy:
+    default_bind = "mcp" if mcp else "exact"  # §14: an MCP tool call binds the tool and its arguments
     if raw is None:
-        return WarrantPolicy()
+        return WarrantPolicy(bind=default_bind)
     if not isinstance(raw, LineMap):
         issues.add(line, f"{where}.warrant", "must be a mapping of ttl, max_uses, bind")
         return WarrantPolicy()
@@ -590,11 +692,16 @@ def _parse_warrant(raw: Any, tier: Tier, where: str, line: int, issues: _Collect
     if isinstance(max_uses, bool) or not isinstance(max_uses, int) or not 1 <= max_uses <= 1000:
         issues.add(_key_line(raw, "max_uses", line), f"{where}.warrant.max_uses", "must be an integer 1-1000")
         max_uses = 1
-    bind = raw.get("bind", "exact")
+    bind = raw.get("bind", default_bind)
     if bind not in _BINDS:
         issues.add(
-            _key_line(raw, "bind", line), f"{where}.warrant.bind", f"{bind!r} is not one of exact, path, host"
+            _key_line(raw, "bind", line),
+            f"{where}.warrant.bind",
+            f"{bind!r} is not one of exact, path, host, mcp",
         )
+        bind = default_bind
+    elif bind == "mcp" and not mcp:
+        issues.add(_key_line(raw, "bind", line), f"{where}.warrant.bind", "bind: mcp needs match.mcp_tools")
         bind = "exact"
     return WarrantPolicy(ttl_seconds=ttl, max_uses=max_uses, bind=str(bind))
 
@@ -694,6 +801,13 @@ def _possible_covers(
 
 
 def _covers(earlier: Rule, later: Rule) -> bool:
+    if earlier.mcp_tools is not None:
+        # An MCP rule matches only tool calls, and only by name: it covers a later rule only when
+        # that one matches tool calls too, each of whose globs it lists (or "*").
+        if later.mcp_tools is None:
+            return False
+        if "*" not in earlier.mcp_tools and not set(later.mcp_tools) <= set(earlier.mcp_tools):
+            return False
     if earlier.hosts is not None:
         if later.hosts is None:
             return False

@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from policy.mcp import McpAmbiguous, McpMessage, parse_mcp
 from policy.model import Intent, Request, Tier
 from policy.rules import WARRANT_TTL_CAPS, Rule
 
@@ -47,6 +48,8 @@ _CONSTRAINT_KEYS = frozenset(
         "body_sha256",
         "content_type",
         "max_uses",
+        "mcp_tool",
+        "mcp_arguments_sha256",
     }
 )
 
@@ -132,6 +135,7 @@ class Bind(StrEnum):
     EXACT = "exact"
     PATH = "path"
     HOST = "host"
+    MCP = "mcp"  # the endpoint, the tool name and the arguments' digest; never the JSON-RPC id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +153,8 @@ class Constraints:
     max_uses: int = 1
     # The body's media type as sent ("" = no Content-Type): the same bytes mean another thing as a form.
     content_type: str | None = None
+    mcp_tool: str | None = None
+    mcp_arguments_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -157,6 +163,10 @@ class Constraints:
             raise ValueError("max_uses must be at least 1")
         if self.body_sha256 is not None and not _SHA256_HEX.fullmatch(self.body_sha256):
             raise ValueError("body_sha256 must be 64 lower-case hex digits")
+        if (self.mcp_tool is None) != (self.mcp_arguments_sha256 is None):
+            raise ValueError("mcp_tool and mcp_arguments_sha256 go together")
+        if self.mcp_arguments_sha256 is not None and not _SHA256_HEX.fullmatch(self.mcp_arguments_sha256):
+            raise ValueError("mcp_arguments_sha256 must be 64 lower-case hex digits")
 
     def as_claim(self) -> dict[str, object]:
         claim: dict[str, object] = {
@@ -170,11 +180,36 @@ class Constraints:
             "body_sha256": self.body_sha256,
             "content_type": self.content_type,
             "max_uses": self.max_uses,
+            "mcp_tool": self.mcp_tool,
+            "mcp_arguments_sha256": self.mcp_arguments_sha256,
         }
         return {key: value for key, value in claim.items() if value is not None}
 
 
-def constraints_for(request: Request, *, bind: Bind = Bind.EXACT, max_uses: int = 1) -> Constraints:
+def constraints_for(
+    request: Request, *, bind: Bind = Bind.EXACT, max_uses: int = 1, mcp: tuple[str, str] | None = None
+) -> Constraints:
+    """`mcp` is (tool, arguments digest) when already known; otherwise it is read from the body."""
+    if bind is Bind.MCP:
+        if mcp is None:
+            call = single_call(request)
+            if call is None:
+                raise ValueError("bind: mcp needs a request holding exactly one tools/call")
+            mcp = (str(call.tool), call.arguments_sha256)
+        return Constraints(
+            method=request.method,
+            scheme=request.scheme,
+            host=request.host,
+            port=request.port,
+            path=request.path,
+            path_prefix=None,
+            query=request.query,
+            body_sha256=None,
+            content_type=None,
+            max_uses=max_uses,
+            mcp_tool=mcp[0],
+            mcp_arguments_sha256=mcp[1],
+        )
     exact = bind is Bind.EXACT
     return Constraints(
         method=request.method,
@@ -188,6 +223,17 @@ def constraints_for(request: Request, *, bind: Bind = Bind.EXACT, max_uses: int 
         content_type=content_type_of(request) if exact else None,
         max_uses=max_uses,
     )
+
+
+def single_call(request: Request) -> McpMessage | None:
+    """The one tools/call of a request that holds exactly one and nothing else (None otherwise)."""
+    try:
+        body = parse_mcp(request.body, request.header("content-type"))
+    except McpAmbiguous:
+        return None
+    if body is None or body.batch or len(body.messages) != 1 or not body.calls:
+        return None
+    return body.calls[0]
 
 
 def content_type_of(request: Request) -> str:
@@ -431,8 +477,19 @@ def _first_mismatch(con: Constraints, request: Request) -> str | None:
             or hmac.compare_digest(con.body_sha256.encode(), request.body_sha256.encode()),
         ),
         ("content_type", con.content_type is None or con.content_type == content_type_of(request)),
+        ("mcp", con.mcp_tool is None or _mcp_matches(con, request)),
     )
     return next((name for name, ok in checks if not ok), None)
+
+
+def _mcp_matches(con: Constraints, request: Request) -> bool:
+    call = single_call(request)
+    return (
+        call is not None
+        and call.tool == con.mcp_tool
+        and con.mcp_arguments_sha256 is not None
+        and hmac.compare_digest(call.arguments_sha256.encode(), con.mcp_arguments_sha256.encode())
+    )
 
 
 def _under_prefix(path: str, prefix: str) -> bool:
@@ -548,6 +605,8 @@ def _constraints(con: Mapping[str, object]) -> Constraints:
             body_sha256=_opt_str(con, "body_sha256", "con."),
             content_type=_opt_str(con, "content_type", "con."),
             max_uses=_int(con, "max_uses", "con.") if "max_uses" in con else 1,
+            mcp_tool=_opt_str(con, "mcp_tool", "con."),
+            mcp_arguments_sha256=_opt_str(con, "mcp_arguments_sha256", "con."),
         )
     except ValueError as exc:
         raise _Malformed(f"claim 'con' is invalid: {exc}") from exc

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     check = policy_commands.add_parser("check", help="validate and lint; exit 0 ok, 1 invalid")
     check.add_argument("path", type=Path)
+    check.add_argument(
+        "--secrets-dir", type=Path, help="also check that every {secret:NAME} the policy injects is there"
+    )
     explain = policy_commands.add_parser(
         "explain", help="print the intent, tier and matching rule of a request"
     )
@@ -186,6 +189,18 @@ def _policy_check(args: argparse.Namespace) -> int:
         return 1
     for warning in rules.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.secrets_dir is not None:
+        from proxy.secrets import SecretStore
+
+        missing = SecretStore(args.secrets_dir).missing(rules.secret_names)
+        lines = {name: rule.line for rule in rules.rules for name in rule.secret_names}
+        for name in missing:
+            print(
+                f"error: {args.path}:{lines[name]}: inject: secret {name!r} is not in {args.secrets_dir}",
+                file=sys.stderr,
+            )
+        if missing:
+            return 1
     print(
         f"{args.path}: ok: {len(rules.rules)} rules, default_tier {rules.default_tier}, revision {rules.revision[:12]}"
     )
@@ -285,6 +300,9 @@ def _policy_explain(args: argparse.Namespace) -> int:
     handler = rules.handler(found.intent.action)
     if handler is not None:
         result["handler"] = f"{handler.id}: {handler.describe()} (for POST /v1/intents)"
+    if found.rule is not None and found.rule.inject_headers:
+        # the names only: a secret's value is never printed
+        result["inject"] = ", ".join(f"{name}: [injected]" for name, _ in found.rule.inject_headers)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -300,6 +318,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
         "reason_code",
         "reason",
         "handler",
+        "inject",
     ):
         if key not in result:
             continue

@@ -23,7 +23,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from policy.rules import PolicyError, RuleSet, load_rules
+from policy.rules import PolicyError, PolicyIssue, RuleSet, load_rules
 from policy.warrants import WarrantKeys
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
 from proxy.authority.db import SqliteDatabase
@@ -46,6 +46,7 @@ from proxy.metrics import Metrics
 from proxy.notify import Notifier, NotifyConfig
 from proxy.passbacks import LocalPassbacks, Passbacks, RemotePassbacks
 from proxy.ratelimit import RateLimiter
+from proxy.secrets import SecretStore
 from proxy.settings import Settings
 from proxy.shipping import AuditShipper
 from proxy.store import Store, StoreUnavailable
@@ -94,6 +95,7 @@ class Sidecar:
     destinations: DestinationResolver
     listeners: OwnListeners
     passbacks: Passbacks
+    secrets: SecretStore
     authority: AuthorityClient | None = None
     sidecar_id: str = ""
     data_dir_lock: int = -1
@@ -124,6 +126,7 @@ class Sidecar:
             sys.setswitchinterval(_RELOAD_SWITCH_INTERVAL)
             try:
                 new_rules = await asyncio.to_thread(read_policy, self.settings.policy)
+                check_secrets(new_rules, self.secrets)
             except (PolicyError, OSError, UnicodeDecodeError) as exc:
                 self.metrics.policy_reloads.labels(result="error").inc()
                 log.error("policy reload failed, keeping revision %s: %s", self.rules.revision[:12], exc)
@@ -148,6 +151,17 @@ class Sidecar:
             )
         log.info("policy reloaded: revision %s (%d rules)", new_rules.revision[:12], len(new_rules.rules))
         return True
+
+
+def check_secrets(rules: RuleSet, secrets: SecretStore) -> None:
+    """Every {secret:NAME} the policy injects must be in the secrets dir: a policy that names one that
+    is not is refused at start and on reload (the running policy stays)."""
+    missing = secrets.missing(rules.secret_names)
+    if missing:
+        where = secrets.directory or "(no --secrets-dir)"
+        raise PolicyError(
+            [PolicyIssue(rules.source, 1, "inject", f"secret(s) {', '.join(missing)} not in {where}")]
+        )
 
 
 def notify_config(settings: Settings) -> NotifyConfig | None:
@@ -253,6 +267,8 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         sidecar_id=sidecar_id,
         notify=notify,
     )
+    secrets = SecretStore(settings.secrets_dir)
+    check_secrets(rules, secrets)
     passbacks: Passbacks
     if authority is not None:
         passbacks = RemotePassbacks(
@@ -265,6 +281,7 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         rules=rules,
         keys=keys,
         passbacks=passbacks,
+        secrets=secrets,
         authority=authority,
         operators=operators,
         store=store,

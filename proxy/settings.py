@@ -52,6 +52,7 @@ class Settings:
     notify_webhooks: tuple[str, ...] = ()
     notify_secret_file: Path | None = None
     notify_format: str = "json"
+    secrets_dir: Path | None = None
 
     @property
     def upstream_proxy_address(self) -> tuple[str, int] | None:
@@ -122,6 +123,7 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
         "URL of `vienna authority`: warrant requests, warrants and single use there; audit shipped there",
     ),
     ("authority-token-file", None, "file holding this sidecar's token for --authority"),
+    ("secrets-dir", None, "files named by {secret:NAME} in a rule's inject (mounted in the sidecar only)"),
     (
         "demo",
         "false",
@@ -273,4 +275,5 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         demo=_flag_bool(str(raw["demo"]), "demo"),
         authority=authority.rstrip("/") if authority else None,
         authority_token_file=path("authority-token-file"),
+        secrets_dir=path("secrets-dir"),
     )

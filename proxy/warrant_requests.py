@@ -25,6 +25,7 @@ from policy.warrants import (
     WarrantTerms,
     constraints_for,
     mint,
+    single_call,
     terms_for,
 )
 from proxy.audit_log import Recorder
@@ -87,7 +88,17 @@ def canonical_request(request: Request) -> dict[str, Any]:
         "content_type": request.header("content-type"),
         "url": request.url,
         "body_preview": body_preview(request.body, request.header("content-type")),
+        **_mcp_view(request),
     }
+
+
+def _mcp_view(request: Request) -> dict[str, Any]:
+    """§14: an MCP tool call's tool and arguments, for operators; their digest, for the warrant."""
+    call = single_call(request)
+    if call is None:
+        return {}
+    arguments = redact(dict(call.arguments or {}))
+    return {"mcp": {"tool": call.tool, "arguments": arguments, "arguments_sha256": call.arguments_sha256}}
 
 
 class WarrantRequests:
@@ -336,11 +347,21 @@ def warrant_constraints(request: Mapping[str, Any], intent: Intent, terms: Warra
         # An intent warrant is exact and single use whatever the rule's warrant settings say: it
         # stands for one approved execution of these params (§13).
         return constraints_for(bound_request(request, intent), bind=Bind.EXACT, max_uses=1)
+    mcp = request.get("mcp")
+    if terms.bind is Bind.MCP:
+        if not isinstance(mcp, Mapping) or not isinstance(mcp.get("tool"), str):
+            raise ValueError("bind: mcp needs the request's one tools/call")
+        pair = (str(mcp["tool"]), str(mcp["arguments_sha256"]))
+        return constraints_for(
+            bound_request(request, intent), bind=Bind.MCP, max_uses=terms.max_uses, mcp=pair
+        )
     return constraints_for(bound_request(request, intent), bind=terms.bind, max_uses=terms.max_uses)
 
 
 def constraints_preview(request: Request, decision: Decision, rules: RuleSet) -> dict[str, object]:
     terms = terms_for(decision.tier, rules.rule(decision.rule_id))
+    if terms.bind is Bind.MCP and single_call(request) is None:
+        return {}
     return constraints_for(request, bind=terms.bind, max_uses=terms.max_uses).as_claim()
 
 

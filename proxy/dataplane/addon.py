@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from policy.normalize import (
     overridden_method,
     parse_authority,
 )
+from policy.warrants import single_call
 from proxy.answers import (
     DECISION_HEADER,
     DECISION_ID_HEADER,
@@ -46,8 +48,10 @@ from proxy.answers import (
 from proxy.authority_client import AuthorityUnavailable
 from proxy.dataplane import patches
 from proxy.dataplane.exchange import Exchange, ExchangeWatch
+from proxy.dataplane.mcp import ToolsListFilter, deny_tool, jsonrpc_refusal, mcp_body
 from proxy.dataplane.pinning import AddressPins
 from proxy.dataplane.tunnels import Tunnels
+from proxy.secrets import SecretMissing
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vienna.addon")
 WARRANT_HEADER = "vienna-warrant"
+_TOOLS_LIST = "vienna.tools_list"
 LOOP = "request.loop"
 _EXCHANGE = "vienna.exchange"
 _WEBSOCKET = "vienna.websocket"
@@ -396,6 +401,18 @@ class EnforcementAddon:
                 flow, request, decision, decision_id, started, unresolved, label="upstream_error"
             )
             return
+        injected: list[tuple[str, str]] = []
+        rule = rules.rule(decision.rule_id)
+        if rule is not None and rule.inject_headers and (decision.forwards or sidecar.settings.dryrun):
+            try:
+                injected = [(name, sidecar.secrets.render(value)) for name, value in rule.inject_headers]
+            except SecretMissing as missing:
+                # (the message names the secret, never a value)
+                unavailable = _Refusal(
+                    503, "unavailable", "secret.unavailable", f"{missing}; refused (fail closed)"
+                )
+                self._refuse_with(flow, request, decision, decision_id, started, unavailable)
+                return
         status, label, extra_headers, warrant_request = 200, decision.verdict.value, {}, None
         if decision.verdict is Verdict.ALLOW and decision.warrant_id is not None:
             assert warrant is not None
@@ -416,6 +433,21 @@ class EnforcementAddon:
             if retry_after > 0:
                 status, label = 429, "rate_limited"
                 extra_headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+        if (
+            decision.verdict is Verdict.WARRANT_REQUIRED
+            and not sidecar.settings.dryrun
+            and rule is not None
+            and rule.warrant.bind == "mcp"
+            and single_call(request) is None
+        ):
+            batch = _Refusal(
+                403,
+                "warrant_required",
+                "mcp.batch_needs_warrant",
+                f"{decision.reason}; a warrant binds one tool call: send the tools/call on its own to have it approved",
+            )
+            self._refuse_with(flow, request, decision, decision_id, started, batch)
+            return
         if decision.verdict is Verdict.WARRANT_REQUIRED and not sidecar.settings.dryrun:
             # (in dryrun the request is forwarded anyway: operators get no request to approve)
             try:
@@ -472,7 +504,7 @@ class EnforcementAddon:
                 body = deny_body(decision, error="denied", decision_id=decision_id)
                 body["reason"] = f"rule {decision.rule_id!r} allows {self._limit_text(decision)}; retry later"
                 body["reason_code"] = "policy.rate_limited"
-                flow.response = json_response(429, body, decision_id=decision_id, headers=extra_headers)
+                flow.response = self._answer(request, 429, body, decision_id, extra_headers)
                 return
             extra = None
             if warrant_request is not None:
@@ -486,17 +518,23 @@ class EnforcementAddon:
             if warrant_request is not None:
                 body["reason"] = passback_reason(decision, warrant_request)
                 headers = passback_headers(warrant_request)
-            flow.response = json_response(
-                decision.verdict.http_status, body, decision_id=decision_id, headers=headers
-            )
-            if warrant_request is not None:
+            flow.response = self._answer(request, decision.verdict.http_status, body, decision_id, headers)
+            if warrant_request is not None and flow.response.status_code != 200:
                 # The HTTP/1 status line too: `requests`' raise_for_status and curl -v print its reason.
                 flow.response.reason = f"Warrant Required ({warrant_request['id']})"
             return
         try:
             if self._inject_fault:
                 raise RuntimeError("injected fault (VIENNA_TEST_FAULT=addon)")
-            self._forward(flow, request, decision, decision_id, streamed=streamed, would_deny=dryrun_forward)
+            self._forward(
+                flow,
+                request,
+                decision,
+                decision_id,
+                streamed=streamed,
+                would_deny=dryrun_forward,
+                injected=injected,
+            )
         except Exception:
             # The decision already says "forwarded": say what became of it before refusing.
             self._record_execution(request, decision, decision_id, status=0, error="internal.error")
@@ -511,6 +549,7 @@ class EnforcementAddon:
         *,
         streamed: bool,
         would_deny: bool,
+        injected: list[tuple[str, str]] | None = None,
     ) -> None:
         """Hand the request to mitmproxy exactly as classified, to the checked address only."""
         assert request.address is not None
@@ -527,6 +566,13 @@ class EnforcementAddon:
         if "transfer-encoding" in headers:
             headers["transfer-encoding"] = "chunked"  # the one coding relayed, spelled so every parser agrees
         headers.add("Via", self.via)
+        for name, value in injected or ():
+            headers.pop(name, None)  # every header of that name the agent sent goes first
+            headers[name] = value  # the credential: in the forwarded request only, never recorded
+        mcp = mcp_body(request)
+        if mcp is not None and mcp.lists_tools:
+            flow.metadata[_TOOLS_LIST] = {m.id for m in mcp.messages if m.method == "tools/list" and m.has_id}
+            headers.pop("accept-encoding", None)  # the answer is read (to filter it): ask for it plain
         self.pins.pin(flow.client_conn, request.host, request.port, request.address)
         upstream = self.sidecar.settings.upstream_proxy_address
         if upstream is not None:
@@ -579,6 +625,17 @@ class EnforcementAddon:
                 )
                 return
             flow.response.stream = exchange.response_chunk
+            list_ids = flow.metadata.get(_TOOLS_LIST)
+            if list_ids and flow.response.headers.get("content-encoding", "identity").lower() == "identity":
+                kind = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind in ("application/json", "text/event-stream"):
+                    flow.response.headers.pop("content-length", None)  # the answer may get shorter
+                    flow.response.stream = ToolsListFilter(
+                        exchange.response_chunk,
+                        sse=kind == "text/event-stream",
+                        list_ids=set(list_ids),
+                        keep=deny_tool(self.sidecar.rules, exchange.request, self.sidecar.settings.agent_id),
+                    )
             flow.response.headers[DECISION_HEADER] = flow.metadata.get("vienna.decision", "allow")
             # Only the sidecar names warrant requests: an upstream's copies of these headers would
             # send SDKs to wait on (and fetch) a URL of the upstream's choosing.
@@ -738,7 +795,24 @@ class EnforcementAddon:
         )
         self._observe(refused, started, label or refusal.error)
         body = deny_body(refused, error=refusal.error, decision_id=decision_id)
-        flow.response = json_response(refusal.status, body, decision_id=decision_id)
+        flow.response = self._answer(request, refusal.status, body, decision_id, {})
+
+    def _answer(
+        self,
+        request: Request,
+        status: int,
+        body: dict[str, Any],
+        decision_id: str,
+        headers: Mapping[str, str],
+    ) -> http.Response:
+        """A refusal: §5's JSON body, or — for a request holding MCP tool calls — §14's JSON-RPC error."""
+        plain = json_response(status, body, decision_id=decision_id, headers=headers)
+        mcp = mcp_body(request)
+        if mcp is None:
+            return plain
+        answer_headers = {DECISION_HEADER: "deny", DECISION_ID_HEADER: decision_id, **headers}
+        shaped = jsonrpc_refusal(mcp, status, body, answer_headers)
+        return shaped if shaped is not None else plain
 
     def _record_decision(
         self,

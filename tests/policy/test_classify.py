@@ -428,6 +428,7 @@ def test_cel_context_has_every_documented_field() -> None:
             "json": None,
             # 19 digits would overflow CEL's int64, so it stays text.
             "form": {"amount": -5, "big": "1234567890123456789", "name": "x"},
+            "mcp": {"method": "", "tool": "", "arguments": {}},  # §14: not a JSON-RPC body
         },
         "agent": {"id": "agent-9"},
     }

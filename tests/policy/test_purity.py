@@ -19,6 +19,7 @@ ALLOWED = frozenset(
         "collections",
         "dataclasses",
         "enum",
+        "fnmatch",  # glob matching of MCP tool names (fnmatchcase: no file system)
         "functools",
         "hashlib",
         "heapq",

@@ -93,7 +93,7 @@ BROKEN_CASES: list[tuple[str, int, str, str]] = [
     ("wildcard_ip", 4, "rules[0].match.hosts[0]", "'*.254.169.254': a wildcard cannot cover IP addresses"),
     ("numeric_host", 6, "rules[0].match.hosts[0]", "10.1 must be a string (quote it)"),
     ("max_uses_zero", 8, "rules[0].warrant.max_uses", "must be an integer 1-1000"),
-    ("bad_bind", 8, "rules[0].warrant.bind", "'anything' is not one of exact, path, host"),
+    ("bad_bind", 8, "rules[0].warrant.bind", "'anything' is not one of exact, path, host, mcp"),
     ("empty_hosts", 5, "rules[0].match.hosts", "must be a non-empty list"),
     ("not_a_mapping", 1, "", "the document must be a mapping with version and rules"),
     ("bad_port", 4, "rules[0].match.hosts[0]", "'api.example.com:70000': port must be 1-65535"),

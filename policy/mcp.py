@@ -1,0 +1,158 @@
+"""MCP tool calls as intents (DESIGN.md §14): a JSON-RPC 2.0 body read exactly once, strictly.
+
+A POST whose JSON body is a `tools/call` (or a batch holding one) is classified by its tool name; a
+warrant binds the endpoint, the tool and the SHA-256 of the canonical JSON of the arguments, never
+the JSON-RPC id (a client's retry carries a new one). A body that could be read two ways (a key
+given twice, a non-object message) is not guessed: it is ambiguous.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_MCP_BODY = 1 << 20
+TOOLS_CALL = "tools/call"
+TOOLS_LIST = "tools/list"
+REFUSAL_CODE = -32001  # a JSON-RPC server error, in the implementation-defined range
+
+
+class McpAmbiguous(ValueError):
+    """A JSON-RPC body the sidecar will not guess about (duplicate keys, a bad message shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class McpMessage:
+    method: str
+    id: Any  # the JSON-RPC id as sent (None for a notification)
+    has_id: bool
+    tool: str | None = None  # for tools/call
+    arguments: Mapping[str, Any] | None = None  # for tools/call
+
+    @property
+    def arguments_sha256(self) -> str:
+        return arguments_digest(self.arguments or {})
+
+
+@dataclass(frozen=True, slots=True)
+class McpBody:
+    messages: tuple[McpMessage, ...]
+    batch: bool
+
+    @property
+    def calls(self) -> tuple[McpMessage, ...]:
+        return tuple(m for m in self.messages if m.method == TOOLS_CALL)
+
+    @property
+    def lists_tools(self) -> bool:
+        return any(m.method == TOOLS_LIST for m in self.messages)
+
+
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    text = json.dumps(
+        dict(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _strict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise McpAmbiguous("a key is given twice in the JSON-RPC body")
+    return result
+
+
+def _constant(name: str) -> Any:
+    raise McpAmbiguous(f"{name} is not JSON")
+
+
+def parse_mcp(body: bytes, content_type: str | None) -> McpBody | None:
+    """The JSON-RPC messages of a body, None when it is not JSON-RPC at all; raises McpAmbiguous
+    for a JSON-RPC body that could be read more than one way."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if not body or not (media == "application/json" or media.endswith("+json")) or len(body) > MAX_MCP_BODY:
+        return None
+    try:
+        document = json.loads(body, object_pairs_hook=_strict, parse_constant=_constant)
+    except McpAmbiguous:
+        raise
+    except (ValueError, RecursionError):
+        return None
+    batch = isinstance(document, list)
+    items = document if batch else [document]
+    if not items or not all(isinstance(item, dict) for item in items):
+        if batch and any(isinstance(i, dict) and i.get("jsonrpc") == "2.0" for i in items):
+            raise McpAmbiguous("a JSON-RPC batch holds something that is not a message")
+        return None
+    if not any(item.get("jsonrpc") == "2.0" and isinstance(item.get("method"), str) for item in items):
+        return None
+    messages: list[McpMessage] = []
+    for item in items:
+        method = item.get("method")
+        if item.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            if "result" in item or "error" in item:  # a response sent back to the server: not a call
+                messages.append(McpMessage(method="(response)", id=item.get("id"), has_id="id" in item))
+                continue
+            raise McpAmbiguous("a JSON-RPC message without jsonrpc 2.0 and a method")
+        tool: str | None = None
+        arguments: Mapping[str, Any] | None = None
+        if method == TOOLS_CALL:
+            params = item.get("params")
+            if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+                raise McpAmbiguous("a tools/call without params.name")
+            tool = params["name"]
+            raw_arguments = params.get("arguments", {})
+            if raw_arguments is None:
+                raw_arguments = {}
+            if not isinstance(raw_arguments, dict):
+                raise McpAmbiguous("tools/call arguments must be an object")
+            arguments = raw_arguments
+        messages.append(
+            McpMessage(method=method, id=item.get("id"), has_id="id" in item, tool=tool, arguments=arguments)
+        )
+    return McpBody(messages=tuple(messages), batch=batch)
+
+
+def tool_matches(patterns: tuple[str, ...], tool: str) -> bool:
+    """Globs (`*`, `?`, `[…]`) over the whole tool name, case-sensitively (tool names are)."""
+    return any(fnmatch.fnmatchcase(tool, pattern) for pattern in patterns)
+
+
+_ARGUMENT = re.compile(r"\{arguments\.([A-Za-z_][A-Za-z0-9_-]*)\}")
+
+
+def template_values(message: McpMessage) -> dict[str, str]:
+    """What `{tool}` and `{arguments.NAME}` render to (a non-string argument as its JSON)."""
+    values = {"tool": message.tool or ""}
+    for name, value in (message.arguments or {}).items():
+        values[f"arguments.{name}"] = (
+            value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        )
+    return values
+
+
+def refusal(message_id: Any, message: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A refused tools/call as the JSON-RPC error an MCP client hands to the model as a tool error."""
+    return {
+        "jsonrpc": "2.0",
+        "id": message_id,
+        "error": {"code": REFUSAL_CODE, "message": message, "data": dict(data)},
+    }
+
+
+def filter_tools(result: Any, keep: Any) -> tuple[Any, int]:
+    """A tools/list result without the tools `keep(name)` refuses; (result, tools removed)."""
+    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+        return result, 0
+    kept = [
+        tool
+        for tool in result["tools"]
+        if not (isinstance(tool, dict) and isinstance(tool.get("name"), str) and not keep(tool["name"]))
+    ]
+    removed = len(result["tools"]) - len(kept)
+    return ({**result, "tools": kept} if removed else result), removed

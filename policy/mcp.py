@@ -72,33 +72,40 @@ def _constant(name: str) -> Any:
 
 
 def parse_mcp(body: bytes, content_type: str | None) -> McpBody | None:
-    """The JSON-RPC messages of a body, None when it is not JSON-RPC at all; raises McpAmbiguous
-    for a JSON-RPC body that could be read more than one way."""
-    media = (content_type or "").split(";")[0].strip().lower()
-    if not body or not (media == "application/json" or media.endswith("+json")) or len(body) > MAX_MCP_BODY:
+    """The JSON-RPC messages of a body, None when it is not JSON-RPC at all; raises McpAmbiguous for
+    a body that could be read more than one way, or that an MCP server could read as a call while
+    we cannot. The Content-Type is not trusted: servers parse the JSON whatever it says."""
+    del content_type  # (kept in the signature: callers pass it; the bytes decide)
+    stripped = body.lstrip(b" \t\r\n\xef\xbb\xbf")
+    if not stripped or stripped[:1] not in (b"{", b"["):
+        return None
+    if len(body) > MAX_MCP_BODY:
+        if b'"method"' in body or b"method" in body:
+            raise McpAmbiguous(f"a JSON-RPC body over {MAX_MCP_BODY} bytes is not read, so not forwarded")
         return None
     try:
         document = json.loads(body, object_pairs_hook=_strict, parse_constant=_constant)
     except McpAmbiguous:
         raise
     except (ValueError, RecursionError):
+        if b"method" in body:
+            raise McpAmbiguous("a body that looks like JSON-RPC but is not JSON") from None
         return None
     batch = isinstance(document, list)
     items = document if batch else [document]
+    if not any(isinstance(item, dict) and "method" in item for item in items):
+        return None  # JSON, but no message calls anything
     if not items or not all(isinstance(item, dict) for item in items):
-        if batch and any(isinstance(i, dict) and i.get("jsonrpc") == "2.0" for i in items):
-            raise McpAmbiguous("a JSON-RPC batch holds something that is not a message")
-        return None
-    if not any(item.get("jsonrpc") == "2.0" and isinstance(item.get("method"), str) for item in items):
-        return None
+        raise McpAmbiguous("a JSON-RPC batch holds something that is not a message")
     messages: list[McpMessage] = []
     for item in items:
         method = item.get("method")
+        if "method" not in item and ("result" in item or "error" in item):
+            # a response the client sends back to the server (to a server-initiated request): no call
+            messages.append(McpMessage(method="(response)", id=item.get("id"), has_id="id" in item))
+            continue
         if item.get("jsonrpc") != "2.0" or not isinstance(method, str):
-            if "result" in item or "error" in item:  # a response sent back to the server: not a call
-                messages.append(McpMessage(method="(response)", id=item.get("id"), has_id="id" in item))
-                continue
-            raise McpAmbiguous("a JSON-RPC message without jsonrpc 2.0 and a method")
+            raise McpAmbiguous("a JSON-RPC message needs jsonrpc 2.0 and a string method")
         tool: str | None = None
         arguments: Mapping[str, Any] | None = None
         if method == TOOLS_CALL:

@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     "test_classified_is_forwarded": "classified = forwarded",
     "test_fleet_trust": "fleet trust (authority)",
     "test_handler_abuse": "handler abuse (Vienna Direct)",
+    "test_mcp_smuggling": "MCP smuggling",
     "test_fuzz": "fuzzing (properties)",
 }
 _COUNTS: dict[str, FamilyCounts] = {}

@@ -52,6 +52,10 @@ def test_a_fleet_sidecar_holds_no_warrant_key(rendered: dict[str, Rendered]) -> 
     token = fleet.volumes["vienna-authority-token"]["secret"]
     assert token["secretName"] == "demo-sidecar-token"
     assert "vienna-authority-token" not in mounts_of(fleet.agent)  # the agent never gets the token
+    # Injected credentials: mounted in the sidecar only, the agent never sees them.
+    assert env_value(sidecar, "VIENNA_SECRETS_DIR") == "/etc/vienna/secrets/inject"
+    assert fleet.volumes["vienna-inject-secrets"]["secret"]["secretName"] == "agent-api-credentials"
+    assert "vienna-inject-secrets" in mounts_of(sidecar) and "vienna-inject-secrets" not in mounts_of(fleet.agent)
     # Several pods, one approval place: replicas are fine in a fleet.
     assert fleet.one("Deployment")["spec"]["replicas"] == 3
 
@@ -405,6 +409,7 @@ def test_sidecar_files_live_on_the_volumes_the_sidecar_mounts(case: Rendered) ->
         "VIENNA_POLICY": {"configMap"},
         "VIENNA_WARRANT_KEY_FILE": {"secret"},
         "VIENNA_AUTHORITY_TOKEN_FILE": {"secret"},
+        "VIENNA_SECRETS_DIR": {"secret"},
         "VIENNA_AUDIT_KEY_FILE": {"secret"},
         "VIENNA_OPERATORS": {"secret"},
         "VIENNA_UPSTREAM_CA_FILE": {"configMap"},
@@ -423,6 +428,8 @@ def test_sidecar_files_live_on_the_volumes_the_sidecar_mounts(case: Rendered) ->
             source = volume.get("configMap") or volume["secret"]
             item_paths = {item["path"] for item in source.get("items", [])}
             relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+            if relative == "" and "items" not in source:
+                continue  # a directory: the whole volume (every key a file), as VIENNA_SECRETS_DIR wants
             assert relative in item_paths, f"{name}: {relative} is not projected into the volume"
     # Standalone: the sidecar signs warrants with its key; in a fleet it holds the authority token instead.
     signing = "VIENNA_AUTHORITY_TOKEN_FILE" if case.name == "authority" else "VIENNA_WARRANT_KEY_FILE"
@@ -479,6 +486,9 @@ def test_secret_keys_referenced_by_the_sidecar_exist(case: Rendered) -> None:
     for name, keys in referenced.items():
         if case.name == "authority" and name == "demo-sidecar-token":
             assert keys == {"token"} and name not in secrets  # the operator's own Secret, never rendered
+            continue
+        if case.name == "authority" and name == "agent-api-credentials":
+            assert name not in secrets  # every key is a secret file: mounted whole, in the sidecar only
             continue
         if case.name == "existing-secrets":
             assert name in existing, f"{name}: the existing Secret names must be used"

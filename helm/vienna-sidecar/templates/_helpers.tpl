@@ -207,6 +207,12 @@ vienna-sidecar.volumes — the pod volumes the sidecar needs (a YAML list of Vol
       - key: {{ .Values.policy.key }}
         path: policy.yaml
 {{- end }}
+{{- if .Values.injectSecrets.existingSecret }}
+- name: vienna-inject-secrets
+  secret:
+    secretName: {{ .Values.injectSecrets.existingSecret }}
+    defaultMode: 0440
+{{- end }}
 {{- if .Values.authority.url }}
 - name: vienna-authority-token
   secret:
@@ -299,6 +305,10 @@ image's defaults.
     {{- if include "vienna-sidecar.hasPolicy" . }}
     - name: VIENNA_POLICY
       value: {{ printf "%s/policy.yaml" (include "vienna-sidecar.policyDir" .) | quote }}
+    {{- end }}
+    {{- if .Values.injectSecrets.existingSecret }}
+    - name: VIENNA_SECRETS_DIR
+      value: {{ printf "%s/inject" $secrets | quote }}
     {{- end }}
     {{- if .Values.authority.url }}
     - name: VIENNA_AUTHORITY
@@ -398,6 +408,11 @@ image's defaults.
     {{- if include "vienna-sidecar.hasPolicy" . }}
     - name: vienna-policy
       mountPath: {{ include "vienna-sidecar.policyDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- if .Values.injectSecrets.existingSecret }}
+    - name: vienna-inject-secrets
+      mountPath: {{ printf "%s/inject" $secrets }}
       readOnly: true
     {{- end }}
     {{- if .Values.authority.url }}

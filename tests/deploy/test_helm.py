@@ -55,7 +55,9 @@ def test_a_fleet_sidecar_holds_no_warrant_key(rendered: dict[str, Rendered]) -> 
     # Injected credentials: mounted in the sidecar only, the agent never sees them.
     assert env_value(sidecar, "VIENNA_SECRETS_DIR") == "/etc/vienna/secrets/inject"
     assert fleet.volumes["vienna-inject-secrets"]["secret"]["secretName"] == "agent-api-credentials"
-    assert "vienna-inject-secrets" in mounts_of(sidecar) and "vienna-inject-secrets" not in mounts_of(fleet.agent)
+    assert "vienna-inject-secrets" in mounts_of(sidecar) and "vienna-inject-secrets" not in mounts_of(
+        fleet.agent
+    )
     # Several pods, one approval place: replicas are fine in a fleet.
     assert fleet.one("Deployment")["spec"]["replicas"] == 3
 

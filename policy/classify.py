@@ -105,6 +105,7 @@ def _pairs_to_map(text: str) -> dict[str, str | int]:
 AMBIGUOUS_PARAMETER = "request.ambiguous_parameter"
 AMBIGUOUS_JSONRPC = "request.ambiguous_jsonrpc"
 _MCP_TEMPLATE = re.compile(r"\{(tool|arguments\.[A-Za-z_][A-Za-z0-9_-]*)\}")
+_ANY_TEMPLATE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)?)\}")
 _ALL_KEYS = "*"
 
 
@@ -286,7 +287,12 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
     tier of them all (§14: refused as a whole)."""
     if rules.has_mcp_rules and request.method == "POST" and _mcp_candidate(request, rules):
         try:
-            body = parse_mcp(request.body, request.header("content-type"))
+            body = parse_mcp(
+                request.body,
+                request.header("content-type"),
+                content_encoding=request.header("content-encoding"),
+                strict=True,
+            )
         except McpAmbiguous as exc:
             return Classification(
                 intent=Intent(action="mcp.ambiguous", target=f"{request.host}{request.path}", rule=None),
@@ -315,6 +321,11 @@ def classify(request: Request, rules: RuleSet, *, agent: str) -> Classification:
     return _classify_one(request, rules, agent=agent)
 
 
+def mcp_endpoint(request: Request, rules: RuleSet) -> bool:
+    """Whether an MCP rule could match this request's host and path (its body is then read strictly)."""
+    return rules.has_mcp_rules and _mcp_candidate(request, rules)
+
+
 def _mcp_candidate(request: Request, rules: RuleSet) -> bool:
     for position in candidate_rules(rules, request.host):
         rule = rules.rules[position]
@@ -337,6 +348,10 @@ def _message_body(message: McpMessage) -> bytes:
 
 def _classify_one(request: Request, rules: RuleSet, *, agent: str) -> Classification:
     inputs: _WhenInputs | None = None
+    # §14: a tools/call is decided by an mcp_tools rule or by default_tier, never by a rule for the
+    # endpoint's other traffic (a catch-all session rule must not run unlisted tools).
+    call = _single_message(request) if rules.has_mcp_rules else None
+    is_call = call is not None and call.method == "tools/call"
     # A `when` that cannot be evaluated counts as matching at the highest tier it could give:
     # its own, or whatever a later rule (or default_tier) gives, and never below T2.
     failed: tuple[Rule, dict[str, str], str] | None = None
@@ -355,6 +370,8 @@ def _classify_one(request: Request, rules: RuleSet, *, agent: str) -> Classifica
             if message is None or message.tool is None or not tool_matches(rule.mcp_tools, message.tool):
                 continue
             captured = {**captured, **template_values(message)}
+        elif is_call and rule.tier is not Tier.DENY:
+            continue
         if rule.when_program is not None:
             if inputs is None:
                 inputs = _WhenInputs(request, agent)
@@ -430,10 +447,11 @@ def _intent(rule: Rule, request: Request, captured: dict[str, str]) -> Intent:
             "query": request.query,
             **captured,
         }
-        target = render_target(rule.target, values)  # {tool} is a captured value like any other
         if rule.mcp_tools is not None:
-            # {arguments.NAME} last, in one pass: an argument's own text is never expanded again
-            target = _MCP_TEMPLATE.sub(lambda m: captured.get(m.group(1), ""), target)
+            # one pass over every template: a tool name's or an argument's own text is never expanded
+            target = _ANY_TEMPLATE.sub(lambda m: values.get(m.group(1), ""), rule.target)
+        else:
+            target = render_target(rule.target, values)
     return Intent(action=action, target=target, rule=rule.id)
 
 

@@ -55,40 +55,76 @@ class McpBody:
 
 def arguments_digest(arguments: Mapping[str, Any]) -> str:
     text = json.dumps(
-        dict(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        dict(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+_FIELDS = frozenset({"jsonrpc", "method", "params", "id", "name", "arguments", "result", "error", "_meta"})
 
 
 def _strict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
         raise McpAmbiguous("a key is given twice in the JSON-RPC body")
+    # Some servers (Go's encoding/json) match keys case-insensitively, folding U+017F to s and U+212A to k:
+    # keys that one of them would read as the same key are refused, whatever their spelling here.
+    if len({key.casefold() for key in result}) != len(result):
+        raise McpAmbiguous("two keys of one object differ only in case")
+    for key in result:
+        if key not in _FIELDS and key.casefold() in _FIELDS:
+            raise McpAmbiguous(f"a key spelled {key[:20]!r}: a server could read it as {key.casefold()!r}")
     return result
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise McpAmbiguous(f"{text[:40]} is not a finite number")
+    return value
 
 
 def _constant(name: str) -> Any:
     raise McpAmbiguous(f"{name} is not JSON")
 
 
-def parse_mcp(body: bytes, content_type: str | None) -> McpBody | None:
+def parse_mcp(
+    body: bytes, content_type: str | None, *, content_encoding: str | None = None, strict: bool = False
+) -> McpBody | None:
     """The JSON-RPC messages of a body, None when it is not JSON-RPC at all; raises McpAmbiguous for
-    a body that could be read more than one way, or that an MCP server could read as a call while
-    we cannot. The Content-Type is not trusted: servers parse the JSON whatever it says."""
-    del content_type  # (kept in the signature: callers pass it; the bytes decide)
-    stripped = body.lstrip(b" \t\r\n\xef\xbb\xbf")
-    if not stripped or stripped[:1] not in (b"{", b"["):
+    a body that could be read more than one way. The Content-Type is not trusted (servers parse the
+    JSON whatever it says). `strict` (an endpoint with MCP rules): a body that is not plainly
+    readable — compressed, another charset, not UTF-8, a BOM, over the limit, not JSON — is
+    refused, never taken for "not a call", since the server may read a call in it."""
+    if not body:
+        return None
+    if strict:
+        if content_encoding and content_encoding.strip().lower() not in ("identity", ""):
+            raise McpAmbiguous(f"a {content_encoding[:20]}-encoded body at an MCP endpoint is not read")
+        charset = _charset(content_type)
+        if charset not in (None, "utf-8", "utf8"):
+            raise McpAmbiguous(f"a {charset[:20]} body at an MCP endpoint is not read")
+        if len(body) > MAX_MCP_BODY:
+            raise McpAmbiguous(f"a body over {MAX_MCP_BODY} bytes at an MCP endpoint is not read")
+        if body.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")) or b"\x00" in body:
+            raise McpAmbiguous("a body with a byte order mark or NUL at an MCP endpoint is not read")
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise McpAmbiguous("a body that is not UTF-8 at an MCP endpoint is not read") from None
+    stripped = body.lstrip(b" \t\r\n")
+    if stripped[:1] not in (b"{", b"["):
+        if strict and stripped:
+            raise McpAmbiguous("a body that is not JSON at an MCP endpoint is not read")
         return None
     if len(body) > MAX_MCP_BODY:
-        if b'"method"' in body or b"method" in body:
-            raise McpAmbiguous(f"a JSON-RPC body over {MAX_MCP_BODY} bytes is not read, so not forwarded")
         return None
     try:
-        document = json.loads(body, object_pairs_hook=_strict, parse_constant=_constant)
+        document = json.loads(body, object_pairs_hook=_strict, parse_constant=_constant, parse_float=_finite)
     except McpAmbiguous:
         raise
     except (ValueError, RecursionError):
-        if b"method" in body:
+        if strict or b"method" in body:
             raise McpAmbiguous("a body that looks like JSON-RPC but is not JSON") from None
         return None
     batch = isinstance(document, list)
@@ -123,6 +159,14 @@ def parse_mcp(body: bytes, content_type: str | None) -> McpBody | None:
             McpMessage(method=method, id=item.get("id"), has_id="id" in item, tool=tool, arguments=arguments)
         )
     return McpBody(messages=tuple(messages), batch=batch)
+
+
+def _charset(content_type: str | None) -> str | None:
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
 
 
 def tool_matches(patterns: tuple[str, ...], tool: str) -> bool:

@@ -398,6 +398,12 @@ def _parse_rule(raw: Any, index: int, line: int, issues: _Collector) -> Rule | N
         raw.get("warrant"), tier, where, at("warrant"), issues, mcp=mcp_tools is not None
     )
     inject = _parse_inject(raw.get("inject"), tier, where, at("inject"), issues)
+    if inject and (hosts is None or any(pattern.wildcard for pattern in hosts)):
+        issues.add(
+            at("inject"),
+            f"{where}.inject",
+            "a credential goes only to hosts named exactly: give match.hosts without wildcards",
+        )
     websocket = _parse_flag(raw, "websocket", where, at("websocket"), issues)
     passthrough = _parse_flag(raw, "passthrough", where, at("passthrough"), issues)
     if passthrough:

@@ -18,8 +18,9 @@ class RateLimiter:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._max = max_buckets
 
-    def take(self, key: tuple[str, str], limit: RateLimit, now: float) -> float:
-        """Spend one token: 0.0 when allowed, else the seconds until one is available."""
+    def take(self, key: tuple[str, str], limit: RateLimit, now: float, cost: int = 1) -> float:
+        """Spend `cost` tokens (one per call: a batch of N tool calls costs N): 0.0 when allowed, else
+        the seconds until enough are available (never, for more than the rule allows at once)."""
         rate = limit.count / limit.per_seconds
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -28,7 +29,9 @@ class RateLimiter:
             bucket = self._buckets[key] = _Bucket(tokens=float(limit.count), updated=now)
         bucket.tokens = min(float(limit.count), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return 0.0
-        return (1.0 - bucket.tokens) / rate
+        if cost > limit.count:
+            return float(limit.per_seconds)
+        return (cost - bucket.tokens) / rate

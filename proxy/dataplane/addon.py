@@ -22,7 +22,7 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from policy import engine
-from policy.classify import body_needed
+from policy.classify import body_needed, mcp_endpoint
 from policy.model import Decision, Request, Tier, Verdict
 from policy.normalize import (
     AmbiguousRequest,
@@ -405,6 +405,8 @@ class EnforcementAddon:
         rule = rules.rule(decision.rule_id)
         if rule is not None and rule.inject_headers and (decision.forwards or sidecar.settings.dryrun):
             try:
+                if request.scheme != "https" and not _loopback(request):
+                    raise SecretMissing("a credential is injected over https only (or to loopback)")
                 injected = [(name, sidecar.secrets.render(value)) for name, value in rule.inject_headers]
             except SecretMissing as missing:
                 # (the message names the secret, never a value)
@@ -429,7 +431,8 @@ class EnforcementAddon:
                 )
                 label = decision.verdict.value
         elif decision.verdict is Verdict.ALLOW and decision.tier is Tier.T1:
-            retry_after = self._rate_limited(decision)
+            mcp = mcp_body(request)
+            retry_after = self._rate_limited(decision, len(mcp.calls) if mcp is not None else 1)
             if retry_after > 0:
                 status, label = 429, "rate_limited"
                 extra_headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
@@ -569,10 +572,12 @@ class EnforcementAddon:
         for name, value in injected or ():
             headers.pop(name, None)  # every header of that name the agent sent goes first
             headers[name] = value  # the credential: in the forwarded request only, never recorded
-        mcp = mcp_body(request)
+        mcp = mcp_body(request) if mcp_endpoint(request, self.sidecar.rules) else None
         if mcp is not None and mcp.lists_tools:
-            flow.metadata[_TOOLS_LIST] = {m.id for m in mcp.messages if m.method == "tools/list" and m.has_id}
-            headers.pop("accept-encoding", None)  # the answer is read (to filter it): ask for it plain
+            ids = {m.id for m in mcp.messages if m.method == "tools/list" and isinstance(m.id, (str, int))}
+            if ids:
+                flow.metadata[_TOOLS_LIST] = ids
+                headers.pop("accept-encoding", None)  # the answer is read (to filter it): ask for it plain
         self.pins.pin(flow.client_conn, request.host, request.port, request.address)
         upstream = self.sidecar.settings.upstream_proxy_address
         if upstream is not None:
@@ -761,12 +766,12 @@ class EnforcementAddon:
             request.address is not None and listeners.is_own(request.address, request.port)
         )
 
-    def _rate_limited(self, decision: Decision) -> float:
+    def _rate_limited(self, decision: Decision, calls: int = 1) -> float:
         rule = self.sidecar.rules.rule(decision.rule_id)
         if rule is None or rule.limits is None:
             return 0.0
         return self.sidecar.rate_limiter.take(
-            (self.sidecar.settings.agent_id, rule.id), rule.limits, time.monotonic()
+            (self.sidecar.settings.agent_id, rule.id), rule.limits, time.monotonic(), cost=max(1, calls)
         )
 
     def _limit_text(self, decision: Decision) -> str:
@@ -992,6 +997,11 @@ def _transfer_codings(request: http.Request) -> list[str]:
 
 def _body_too_large(limit: int) -> _Refusal:
     return _Refusal(413, "bad_request", "request.body_too_large", f"request body over the {limit}-byte limit")
+
+
+def _loopback(request: Request) -> bool:
+    address = request.address or request.host
+    return address == "::1" or address.startswith("127.")
 
 
 def _authority_down(exc: Exception) -> _Refusal:

@@ -77,16 +77,24 @@ def _rewrite_message(message: Any, list_ids: set[Any], keep: Callable[[str], boo
             out.append(rewritten)
             total += removed
         return out, total
-    if isinstance(message, dict) and "result" in message and message.get("id") in list_ids:
+    if (
+        isinstance(message, dict)
+        and "result" in message
+        and isinstance(message.get("id"), (str, int))
+        and message.get("id") in list_ids
+    ):
         result, removed = filter_tools(message["result"], keep)
         return ({**message, "result": result} if removed else message), removed
     return message, 0
 
 
+MAX_EVENT_BYTES = 1 << 20  # an SSE event held to be rewritten; a longer one ends the filtering
+
+
 class ToolsListFilter:
     """A response stream function: JSON answers are held (bounded) and rewritten at their end; SSE
-    answers are rewritten event by event. What cannot be parsed is relayed untouched — the tool
-    calls themselves are still decided one by one, so filtering is a view, not the enforcement."""
+    answers are rewritten event by event (each bounded). What cannot be parsed is relayed untouched —
+    the tool calls themselves are still decided one by one, so filtering is a view, not the enforcement."""
 
     def __init__(
         self, inner: Callable[[bytes], bytes], *, sse: bool, list_ids: set[Any], keep: Callable[[str], bool]
@@ -95,44 +103,62 @@ class ToolsListFilter:
         self.sse = sse
         self.list_ids = list_ids
         self.keep = keep
-        self.buffer = b""
+        self.held = bytearray()
+        self.carriage = False  # the last byte seen was a CR (a CRLF may straddle two chunks)
         self.given_up = False
         self.removed = 0
 
     def __call__(self, chunk: bytes) -> bytes:
+        try:
+            return self._step(chunk)
+        except Exception:  # the view must never break the stream: relay what is held, stop filtering
+            log.exception("tools/list filtering failed; relaying the rest untouched")
+            self.given_up = True
+            held, self.held = bytes(self.held), bytearray()
+            return held
+
+    def _step(self, chunk: bytes) -> bytes:
         data = self.inner(chunk)
         if self.given_up:
             return data
-        self.buffer += data
-        if self.sse:
-            return self._events(final=chunk == b"")
-        if len(self.buffer) > MAX_LIST_BYTES:
+        if not self.sse:
+            self.held += data
+            if len(self.held) > MAX_LIST_BYTES:
+                self.given_up = True
+                held, self.held = bytes(self.held), bytearray()
+                return held
+            if chunk != b"":
+                return b""
+            held, self.held = bytes(self.held), bytearray()
+            try:
+                document = json.loads(held)
+            except (ValueError, RecursionError):
+                return held
+            rewritten, removed = _rewrite_message(document, self.list_ids, self.keep)
+            self.removed += removed
+            return json.dumps(rewritten, separators=(",", ":")).encode() if removed else held
+        # SSE: normalise line ends on the new bytes only, then cut complete events off the front.
+        text = data.replace(b"\r\n", b"\n")
+        if self.carriage and text.startswith(b"\n"):
+            text = text[1:]
+        self.carriage = text.endswith(b"\r")
+        start = len(self.held)
+        self.held += text.replace(b"\r", b"\n")
+        out = bytearray()
+        search_from = max(0, start - 1)
+        while (end := self.held.find(b"\n\n", search_from)) >= 0:
+            event = bytes(self.held[:end])
+            del self.held[: end + 2]
+            out += self._event(event) + b"\n\n"
+            search_from = 0
+        if len(self.held) > MAX_EVENT_BYTES:
             self.given_up = True
-            held, self.buffer = self.buffer, b""
-            return held
-        if chunk != b"":
-            return b""
-        held, self.buffer = self.buffer, b""
-        try:
-            document = json.loads(held)
-        except (ValueError, RecursionError):
-            return held
-        rewritten, removed = _rewrite_message(document, self.list_ids, self.keep)
-        self.removed += removed
-        return json.dumps(rewritten, separators=(",", ":")).encode() if removed else held
-
-    def _events(self, *, final: bool) -> bytes:
-        text = self.buffer.replace(b"\r\n", b"\n")
-        *complete, rest = text.split(b"\n\n")
-        self.buffer = rest if not final else b""
-        out = [self._event(event) + b"\n\n" for event in complete]
-        if final and rest:
-            out.append(rest)
-        if len(self.buffer) > MAX_LIST_BYTES:
-            self.given_up = True
-            out.append(self.buffer)
-            self.buffer = b""
-        return b"".join(out)
+            out += self.held
+            self.held = bytearray()
+        if chunk == b"" and self.held:
+            out += self.held
+            self.held = bytearray()
+        return bytes(out)
 
     def _event(self, event: bytes) -> bytes:
         lines = event.split(b"\n")

@@ -618,12 +618,15 @@ async def append_own(
 
 
 async def _lock_chain(tx: Tx, chain: str, sidecar: str, now: float) -> tuple[int, str]:
-    await tx.execute(
-        "INSERT INTO chains (chain, sidecar, head_seq, head_hash, problems, updated_at)"
-        " VALUES (%s, %s, 0, %s, 0, %s) ON CONFLICT (chain) DO NOTHING",
-        (chain, sidecar, GENESIS_HASH, now),
-    )
+    """The chain's head, its row locked until the transaction ends (created first when new)."""
     row = await tx.one("SELECT head_seq, head_hash FROM chains WHERE chain = %s FOR UPDATE", (chain,))
+    if row is None:
+        await tx.execute(
+            "INSERT INTO chains (chain, sidecar, head_seq, head_hash, problems, updated_at)"
+            " VALUES (%s, %s, 0, %s, 0, %s) ON CONFLICT (chain) DO NOTHING",
+            (chain, sidecar, GENESIS_HASH, now),
+        )
+        row = await tx.one("SELECT head_seq, head_hash FROM chains WHERE chain = %s FOR UPDATE", (chain,))
     assert row is not None
     return int(row[0]), str(row[1])
 

@@ -240,3 +240,21 @@ def test_the_transport_waits_only_on_the_sidecars_own_refusals() -> None:
         )  # a URL off the sidecar's API is never polled
     assert calls == ["http://example.test/"]
     vienna.close()
+
+
+def test_the_transport_uses_the_agents_proxy_environment(
+    sidecar: Sidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx ignores HTTP(S)_PROXY once a transport is given: the transport reads them itself, so an
+    agent configured by its environment still goes through the sidecar."""
+    monkeypatch.setenv("HTTP_PROXY", sidecar.proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    operator = approve_when_pending(sidecar)
+    vienna = Vienna(sidecar.api_url)
+    with httpx.Client(transport=WarrantTransport(vienna, wait_timeout=30)) as client:
+        answer = client.put(upstream.url("/items/sdk-env"), content=b"e")
+    operator.join(10)
+    assert answer.status_code == 200 and answer.headers["Vienna-Decision"] == "allow"
+    assert len(upstream.seen("/items/sdk-env")) == 1
+    vienna.close()

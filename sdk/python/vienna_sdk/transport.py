@@ -4,6 +4,7 @@ request once more with the warrant. Denied, expired or timed out: the original 4
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import httpx
@@ -28,6 +29,20 @@ def _passback_url(request: httpx.Request, response: httpx.Response, endpoint: st
     return url
 
 
+def _env_proxy(scheme: str, host: str) -> str | None:
+    """The agent's own HTTP(S)_PROXY for a URL (httpx ignores the environment once a transport is
+    given, so the transport reads it itself), honouring NO_PROXY host names and suffixes."""
+    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    for entry in (item.strip().lower() for item in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))):
+            return None
+    names = ("HTTPS_PROXY", "https_proxy") if scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    for name in (*names, "ALL_PROXY", "all_proxy"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
 def _with_warrant(request: httpx.Request, warrant: str) -> httpx.Request:
     headers = httpx.Headers(request.headers)
     headers[WARRANT_HEADER] = warrant
@@ -37,7 +52,8 @@ def _with_warrant(request: httpx.Request, warrant: str) -> httpx.Request:
 
 
 class WarrantTransport(httpx.BaseTransport):
-    """`httpx.Client(transport=WarrantTransport(vienna, proxy="http://127.0.0.1:8080"))`."""
+    """`httpx.Client(transport=WarrantTransport(vienna))`: requests go through the sidecar (the `proxy`
+    given, else the agent's HTTP(S)_PROXY), and a passback becomes a bounded wait plus one retry."""
 
     def __init__(
         self,
@@ -47,14 +63,27 @@ class WarrantTransport(httpx.BaseTransport):
         proxy: str | None = None,
         transport: httpx.BaseTransport | None = None,
         verify: ssl.SSLContext | bool = True,
+        trust_env: bool = True,
     ) -> None:
         self.vienna = vienna
         self.wait_timeout = wait_timeout
-        self._inner = transport or httpx.HTTPTransport(proxy=proxy, verify=verify)
+        self._explicit = transport or (httpx.HTTPTransport(proxy=proxy, verify=verify) if proxy else None)
+        self._verify = verify
+        self._trust_env = trust_env
+        self._by_proxy: dict[str | None, httpx.HTTPTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.BaseTransport:
+        if self._explicit is not None:
+            return self._explicit
+        proxy = _env_proxy(request.url.scheme, request.url.host) if self._trust_env else None
+        if proxy not in self._by_proxy:
+            self._by_proxy[proxy] = httpx.HTTPTransport(proxy=proxy, verify=self._verify)
+        return self._by_proxy[proxy]
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()  # the body is sent twice at most: keep it
-        response = self._inner.handle_request(request)
+        inner = self._inner(request)
+        response = inner.handle_request(request)
         url = _passback_url(request, response, self.vienna.endpoint)
         if url is None:
             return response
@@ -64,10 +93,13 @@ class WarrantTransport(httpx.BaseTransport):
             return response
         response.read()
         response.close()
-        return self._inner.handle_request(_with_warrant(request, str(view["warrant"])))
+        return inner.handle_request(_with_warrant(request, str(view["warrant"])))
 
     def close(self) -> None:
-        self._inner.close()
+        if self._explicit is not None:
+            self._explicit.close()
+        for transport in self._by_proxy.values():
+            transport.close()
 
 
 class AsyncWarrantTransport(httpx.AsyncBaseTransport):
@@ -79,14 +111,29 @@ class AsyncWarrantTransport(httpx.AsyncBaseTransport):
         proxy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: ssl.SSLContext | bool = True,
+        trust_env: bool = True,
     ) -> None:
         self.vienna = vienna
         self.wait_timeout = wait_timeout
-        self._inner = transport or httpx.AsyncHTTPTransport(proxy=proxy, verify=verify)
+        self._explicit = transport or (
+            httpx.AsyncHTTPTransport(proxy=proxy, verify=verify) if proxy else None
+        )
+        self._verify = verify
+        self._trust_env = trust_env
+        self._by_proxy: dict[str | None, httpx.AsyncHTTPTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
+        if self._explicit is not None:
+            return self._explicit
+        proxy = _env_proxy(request.url.scheme, request.url.host) if self._trust_env else None
+        if proxy not in self._by_proxy:
+            self._by_proxy[proxy] = httpx.AsyncHTTPTransport(proxy=proxy, verify=self._verify)
+        return self._by_proxy[proxy]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        response = await self._inner.handle_async_request(request)
+        inner = self._inner(request)
+        response = await inner.handle_async_request(request)
         url = _passback_url(request, response, self.vienna.endpoint)
         if url is None:
             return response
@@ -96,7 +143,10 @@ class AsyncWarrantTransport(httpx.AsyncBaseTransport):
             return response
         await response.aread()
         await response.aclose()
-        return await self._inner.handle_async_request(_with_warrant(request, str(view["warrant"])))
+        return await inner.handle_async_request(_with_warrant(request, str(view["warrant"])))
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        if self._explicit is not None:
+            await self._explicit.aclose()
+        for transport in self._by_proxy.values():
+            await transport.aclose()

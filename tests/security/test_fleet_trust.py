@@ -313,3 +313,29 @@ async def test_the_authority_serves_the_console_with_a_strict_policy(
     assert "<script src=" in html and "<script>" not in html  # no inline script to allow
     script = await (await client.get("/console/console.js")).text()
     assert "innerHTML" not in script and "sessionStorage" in script and "document.cookie" not in script
+
+
+async def test_a_sidecar_name_with_several_chains_reads_whole_or_asks_for_one(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    for chain in ("pod-a", "pod-b"):
+        event = link(
+            prev_hash="0" * 64,
+            seq=1,
+            ts=1.5,
+            type="decision",
+            agent=AGENT_ID,
+            policy_revision="r",
+            payload={"pod": chain},
+        )
+        assert (
+            await client.post(
+                "/v1/audit/events", json={"chain": chain, "events": [event.as_dict()]}, headers=SC1
+            )
+        ).status == 200
+    whole = await (await client.get("/v1/audit?sidecar=sc1", headers=ALICE)).json()
+    assert sorted(e["chain"] for e in whole["events"]) == ["sc1/pod-a", "sc1/pod-b"]
+    paged = await client.get("/v1/audit?sidecar=sc1&after=1", headers=ALICE)  # a cursor would be ambiguous
+    assert paged.status == 400 and (await paged.json())["reason_code"] == "audit.ambiguous_sidecar"
+    one = await (await client.get("/v1/audit?sidecar=sc1/pod-b&after=0", headers=ALICE)).json()
+    assert [e["payload"]["pod"] for e in one["events"]] == ["pod-b"]

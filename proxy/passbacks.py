@@ -115,6 +115,10 @@ class RemotePassbacks:
         )
         if status == 429:
             raise PendingLimit(_limit_of(body))
+        if status == 403:
+            # The authority answered, and says this sidecar may not act for the agent: a refusal
+            # (a configuration to fix), not an outage.
+            raise AuthorityRefused(status, body)
         if status not in (200, 201):
             raise AuthorityUnavailable(
                 f"the authority refused to open a warrant request: {body.get('reason')}"
@@ -191,6 +195,7 @@ def _limit_of(body: Mapping[str, Any]) -> int:
 
 
 __all__ = [
+    "AuthorityRefused",
     "AuthorityUnavailable",
     "LocalPassbacks",
     "NotConsumed",

@@ -14,7 +14,7 @@ from policy.approvals import ApprovalError
 from policy.model import Verdict
 from policy.normalize import AmbiguousRequest, build_request
 from proxy.answers import deny_body, passback_headers
-from proxy.authority_client import AuthorityUnavailable
+from proxy.authority_client import AuthorityRefused, AuthorityUnavailable
 from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.control.direct import execute, intent_canonical, report, submit_handler_intent, verify_warrant
@@ -196,6 +196,13 @@ async def submit_intent(request: web.Request) -> web.Response:
         return _error(429, "denied", str(full), reason_code="warrant_request.limit")
     except AuthorityUnavailable as exc:
         return _authority_down(exc)
+    except AuthorityRefused as refused:
+        return _error(
+            403,
+            "denied",
+            f"the authority refused this sidecar's warrant request: {refused.body.get('reason')}",
+            reason_code=str(refused.body.get("reason_code") or "authority.refused"),
+        )
     summary = opened.summary
     answer: dict[str, Any] = {
         "mode": "passback",

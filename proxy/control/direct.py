@@ -19,7 +19,7 @@ from policy.handlers import Handler, ParamError, check_params, params_digest
 from policy.model import Decision, Verdict
 from policy.warrants import WarrantClaims, WarrantRefused, read_warrant
 from proxy.answers import deny_body, passback_headers
-from proxy.authority_client import AuthorityUnavailable
+from proxy.authority_client import AuthorityRefused, AuthorityUnavailable
 from proxy.direct.runners import Outcome, run_exec, run_http, run_sql
 from proxy.warrant_requests import PendingLimit
 
@@ -178,6 +178,14 @@ async def submit_handler_intent(
         return _error(429, "denied", str(full), "warrant_request.limit")
     except AuthorityUnavailable as exc:
         return _error(503, "unavailable", f"the authority cannot be reached: {exc}", "authority.unavailable")
+    except AuthorityRefused as refused:
+        code = str(refused.body.get("reason_code") or "authority.refused")
+        return _error(
+            403,
+            "denied",
+            f"the authority refused this sidecar's warrant request: {refused.body.get('reason')}",
+            code,
+        )
     summary = opened.summary
     answer: dict[str, Any] = {
         "mode": "passback",

@@ -45,7 +45,7 @@ from proxy.answers import (
     passback_reason,
     plain_error,
 )
-from proxy.authority_client import AuthorityUnavailable
+from proxy.authority_client import AuthorityRefused, AuthorityUnavailable
 from proxy.dataplane import patches
 from proxy.dataplane.exchange import Exchange, ExchangeWatch
 from proxy.dataplane.mcp import ToolsListFilter, deny_tool, jsonrpc_refusal, mcp_body
@@ -463,6 +463,13 @@ class EnforcementAddon:
                 return
             except AuthorityUnavailable as exc:
                 self._refuse_with(flow, request, decision, decision_id, started, _authority_down(exc))
+                return
+            except AuthorityRefused as refused:
+                code = str(refused.body.get("reason_code") or "authority.refused")
+                reason = f"the authority refused this sidecar's warrant request: {refused.body.get('reason')}"
+                self._refuse_with(
+                    flow, request, decision, decision_id, started, _Refusal(403, "denied", code, reason)
+                )
                 return
             warrant_request = opened.summary
 

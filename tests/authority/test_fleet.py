@@ -413,3 +413,21 @@ def test_central_audit_reports_bad_links_and_verify_catches_tampering(
     db.close()
     tampered = verify()
     assert tampered.returncode == 1 and "TAMPERED: chain authority: event seq 1: edited" in tampered.stdout
+
+
+def test_a_sidecar_serving_an_agent_it_is_not_listed_for_is_refused_403(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    token = tmp_path / "other.token"
+    token.write_text(OTHER_TOKEN)  # "other" is listed for someone-else, this sidecar serves test-agent
+    sidecar = Sidecar(
+        tmp_path / "other", args=["--authority", authority.url, "--authority-token-file", str(token)]
+    )
+    sidecar.start()
+    try:
+        refused = sidecar.request("PUT", upstream.url("/items/not-listed"), data=b"x")
+        assert refused.status_code == 403 and refused.json()["reason_code"] == "sidecar.agent_not_allowed"
+        assert sidecar.request("GET", upstream.url("/reads/not-listed")).status_code == 200  # T0 unaffected
+        assert upstream.seen("/items/not-listed") == []
+    finally:
+        sidecar.stop()

@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from policy.approvals import WarrantRequest
 from policy.mcp import McpAmbiguous, McpMessage, parse_mcp
 from policy.model import Intent, Request, Tier
 from policy.rules import WARRANT_TTL_CAPS, Rule
@@ -299,6 +300,38 @@ def _claims_json(claims: WarrantClaims) -> bytes:
     return json.dumps(
         claims.as_payload(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
+
+
+def approved_claims(
+    request: WarrantRequest,
+    constraints: Constraints,
+    *,
+    ttl_seconds: int,
+    now: float,
+    jti: str,
+    sid: str | None = None,
+) -> WarrantClaims:
+    """The claims of the warrant an approved request gets: its agent, tier, intent, the operators who
+    approved it, the constraints; valid from `now` for `ttl_seconds` (the caller chose the `jti`)."""
+    issued = int(now)
+    return WarrantClaims(
+        iss=ISSUER,
+        sub=request.agent,
+        jti=jti,
+        iat=issued,
+        nbf=issued,
+        exp=issued + ttl_seconds,
+        tier=request.tier,
+        intent=request.intent,
+        approvals=tuple(
+            Approval(who=v.operator, at=v.at, justification=v.justification)
+            for v in request.votes
+            if v.approve
+        ),
+        con=constraints,
+        wrq=request.id,
+        sid=sid,
+    )
 
 
 def mint(claims: WarrantClaims, keys: WarrantKeys) -> str:

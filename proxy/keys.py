@@ -105,18 +105,24 @@ class Operators:
         return tuple(name for _, name in self.by_digest)
 
 
-def load_operators(path: Path | None) -> Operators:
-    if path is None:
-        return Operators(by_digest=())
+def read_entries(path: Path, key: str, shape: str) -> list[object]:
+    """The list under `key` of a YAML file of entries (operators, sidecars); errors name the file."""
     try:
         document = YAML(typ="safe", pure=True).load(path.read_text())
     except OSError as exc:
         raise KeyError_(f"{path}: cannot read: {exc.strerror}") from None
     except YAMLError as exc:
         raise KeyError_(f"{path}: invalid YAML: {exc}") from None
-    entries = document.get("operators") if isinstance(document, dict) else None
+    entries = document.get(key) if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        raise KeyError_(f"{path}: expected 'operators: [{{name, token_sha256}}, ...]'")
+        raise KeyError_(f"{path}: expected '{key}: [{shape}, ...]'")
+    return entries
+
+
+def load_operators(path: Path | None) -> Operators:
+    if path is None:
+        return Operators(by_digest=())
+    entries = read_entries(path, "operators", "{name, token_sha256}")
     found: list[tuple[bytes, str]] = []
     names: set[str] = set()
     for index, entry in enumerate(entries):

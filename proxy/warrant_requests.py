@@ -16,13 +16,11 @@ from policy.audit import REDACTED, SECRET_KEYS, redact
 from policy.model import Decision, Intent, Request
 from policy.rules import RuleSet
 from policy.warrants import (
-    ISSUER,
-    Approval,
     Bind,
     Constraints,
-    WarrantClaims,
     WarrantKeys,
     WarrantTerms,
+    approved_claims,
     constraints_for,
     mint,
     single_call,
@@ -237,24 +235,12 @@ class WarrantRequests:
         state = stored.state
         terms = terms_for(state.tier, self._rules().rule(stored.rule_id))
         constraints = warrant_constraints(stored.request, state.intent, terms)
-        ttl = terms.ttl_seconds
-        issued = int(now)
-        claims = WarrantClaims(
-            iss=ISSUER,
-            sub=state.agent,
+        claims = approved_claims(
+            state,
+            constraints,
+            ttl_seconds=terms.ttl_seconds,
+            now=now,
             jti="wt_" + secrets.token_urlsafe(16),
-            iat=issued,
-            nbf=issued,
-            exp=issued + ttl,
-            tier=state.tier,
-            intent=state.intent,
-            approvals=tuple(
-                Approval(who=v.operator, at=v.at, justification=v.justification)
-                for v in state.votes
-                if v.approve
-            ),
-            con=constraints,
-            wrq=state.id,
             sid=self.sidecar_id,
         )
         if self.keys is None:

@@ -20,13 +20,11 @@ from policy.audit import AuditEvent, redact
 from policy.model import Intent, Tier
 from policy.rules import WARRANT_TTL_CAPS
 from policy.warrants import (
-    ISSUER,
-    Approval,
     Bind,
-    WarrantClaims,
     WarrantKeys,
     WarrantRefused,
     WarrantTerms,
+    approved_claims,
     constraints_from_claim,
     mint_eddsa,
     public_key_from_jwk,
@@ -38,6 +36,7 @@ from proxy.authority.signing import SigningKey
 from proxy.authority.store import AUTHORITY_CHAIN, AuthorityStore, Minted, RequestRow
 from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle
+from proxy.control.paging import list_query, page_headers
 from proxy.keys import Operators
 from proxy.notify import NotifyConfig
 from proxy.warrant_requests import PREVIEW_BYTES, warrant_constraints
@@ -142,23 +141,8 @@ class Authority:
         state = row.state
         constraints = constraints_from_claim(row.constraints)
         ttl = int(row.terms.get("ttl_seconds", WARRANT_TTL_CAPS[Tier.T3]))
-        issued = int(now)
-        claims = WarrantClaims(
-            iss=ISSUER,
-            sub=state.agent,
-            jti="wt_" + secrets.token_urlsafe(16),
-            iat=issued,
-            nbf=issued,
-            exp=issued + ttl,
-            tier=state.tier,
-            intent=state.intent,
-            approvals=tuple(
-                Approval(who=v.operator, at=v.at, justification=v.justification)
-                for v in state.votes
-                if v.approve
-            ),
-            con=constraints,
-            wrq=state.id,
+        claims = approved_claims(
+            state, constraints, ttl_seconds=ttl, now=now, jti="wt_" + secrets.token_urlsafe(16)
         )
         token = mint_eddsa(claims, self.signing.private, self.signing.kid)
         return Minted(token=token, jti=claims.jti, exp=float(claims.exp), kid=self.signing.kid)
@@ -374,22 +358,15 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
     who = _operator(request)
     if isinstance(who, web.Response):
         return who
-    status = request.query.get("status")
-    if status is not None and status not in ("pending", "approved", "denied", "expired"):
-        raise _BadRequest("status must be pending, approved, denied or expired")
     try:
-        limit = int(request.query.get("limit", "500"))
-        offset = int(request.query.get("offset", "0"))
-    except ValueError:
-        raise _BadRequest("limit and offset must be integers") from None
-    if not 1 <= limit <= 1000 or not 0 <= offset < 2**62:
-        raise _BadRequest("limit must be 1-1000 and offset >= 0")
-    rows, total = await authority.store.list_requests(status, authority.clock(), limit=limit, offset=offset)
+        query = list_query(request)
+    except ValueError as exc:
+        raise _BadRequest(str(exc)) from None
+    rows, total = await authority.store.list_requests(
+        query.status, authority.clock(), limit=query.limit, offset=query.offset
+    )
     items = [await authority.view(row, include_warrant=False) for row in rows]
-    headers = {"X-Total-Count": str(total)}
-    if offset + len(rows) < total:
-        query = {**request.query, "offset": str(offset + len(rows)), "limit": str(limit)}
-        headers["Link"] = f'<{request.rel_url.with_query(query)}>; rel="next"'
+    headers = page_headers(request, query, len(rows), total)
     return web.json_response(items, headers=headers)
 
 

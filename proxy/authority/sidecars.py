@@ -7,10 +7,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
-
-from proxy.keys import KeyError_
+from proxy.keys import KeyError_, read_entries
 
 _HEX64 = frozenset("0123456789abcdef")
 
@@ -44,15 +41,7 @@ class Sidecars:
 def load_sidecars(path: Path | None) -> Sidecars:
     if path is None:
         return Sidecars(by_digest=())
-    try:
-        document = YAML(typ="safe", pure=True).load(path.read_text())
-    except OSError as exc:
-        raise KeyError_(f"{path}: cannot read: {exc.strerror}") from None
-    except YAMLError as exc:
-        raise KeyError_(f"{path}: invalid YAML: {exc}") from None
-    entries = document.get("sidecars") if isinstance(document, dict) else None
-    if not isinstance(entries, list):
-        raise KeyError_(f"{path}: expected 'sidecars: [{{name, token_sha256, agents}}, ...]'")
+    entries = read_entries(path, "sidecars", "{name, token_sha256, agents}")
     found: list[tuple[bytes, SidecarIdentity]] = []
     names: set[str] = set()
     digests: set[str] = set()

@@ -18,6 +18,7 @@ from proxy.authority_client import AuthorityRefused, AuthorityUnavailable
 from proxy.console import add_console_routes
 from proxy.control.auth import AuthThrottle, authenticate
 from proxy.control.direct import execute, intent_canonical, report, submit_handler_intent, verify_warrant
+from proxy.control.paging import list_query, page_headers
 from proxy.openapi import add_openapi_route
 from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
@@ -293,25 +294,15 @@ async def list_warrant_requests(request: web.Request) -> web.Response:
     elsewhere = _decided_at_authority(sidecar)
     if elsewhere is not None:
         return elsewhere
-    status = request.query.get("status")
-    if status is not None and status not in ("pending", "approved", "denied", "expired"):
-        raise _BadRequest("status must be pending, approved, denied or expired")
     try:
-        limit = int(request.query.get("limit", "500"))
-        offset = int(request.query.get("offset", "0"))
-    except ValueError:
-        raise _BadRequest("limit and offset must be integers") from None
-    if not 1 <= limit <= 1000 or not 0 <= offset < 2**62:
-        raise _BadRequest("limit must be 1-1000 and offset >= 0")
+        query = list_query(request)
+    except ValueError as exc:
+        raise _BadRequest(str(exc)) from None
     now = sidecar.clock()
-    found = sidecar.store.list_requests(status, now, limit=limit, offset=offset)
-    total = sidecar.store.count_requests(status, now)
+    found = sidecar.store.list_requests(query.status, now, limit=query.limit, offset=query.offset)
+    total = sidecar.store.count_requests(query.status, now)
     items = [sidecar.warrant_requests.view(item, include_warrant=False) for item in found]
-    # §7 "list": a bare JSON array; a longer list is paged, never cut silently
-    headers = {"X-Total-Count": str(total)}
-    if offset + len(found) < total:
-        query = {**request.query, "offset": str(offset + len(found)), "limit": str(limit)}
-        headers["Link"] = f'<{request.rel_url.with_query(query)}>; rel="next"'
+    headers = page_headers(request, query, len(found), total)
     return web.json_response(items, headers=headers)
 
 

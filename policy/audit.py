@@ -17,6 +17,7 @@ SECRET_HEADERS = frozenset(
 )
 SECRET_KEYS = SECRET_HEADERS | {"token", "warrant", "password", "secret"}
 CHECKPOINT_KIND = "vienna.audit.checkpoint"
+CUT_KIND = "vienna.audit.cut"
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -214,6 +215,14 @@ def _chain_problem(
 def checkpoint_payload(size: int, head_hash: str, ts: float) -> bytes:
     """What a checkpoint signs: the chain length and head, so truncation and rewrites show."""
     return canonical_json({"kind": CHECKPOINT_KIND, "size": size, "head_hash": head_hash, "ts": ts})
+
+
+def cut_payload(first_seq: int, prev_hash: str, ts: float, reason: str) -> bytes:
+    """What a retention cut signs: the chain now starts at `first_seq`, after the event whose hash
+    is `prev_hash`; the dropped events were exported or shipped first (`reason` says which)."""
+    return canonical_json(
+        {"kind": CUT_KIND, "first_seq": first_seq, "prev_hash": prev_hash, "ts": ts, "reason": reason}
+    )
 
 
 def sign_checkpoint(payload: bytes, key: bytes) -> str:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from policy.audit import AuditEvent, checkpoint_payload, redact, sign_checkpoint
+from policy.audit import AuditEvent, redact
+from proxy.audit_keeper import write_checkpoint
 from proxy.metrics import Metrics
-from proxy.store import Store, StoreUnavailable
+from proxy.store import AuditFull, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from proxy.audit_keeper import AuditKeeper
 
 log = logging.getLogger("vienna.audit")
 # Events that need not be durable before the caller goes on (executions) are committed together
@@ -22,6 +25,13 @@ log = logging.getLogger("vienna.audit")
 FLUSH_DELAY = 0.02
 
 CHECKPOINT_FILE = "checkpoints.jsonl"
+# Events queued but not committed (a store that keeps failing): beyond this, requests are refused
+# before anything more is queued.
+MAX_PENDING = 50_000
+# Group commit under load: a durable decision waits up to GATHER_DELAY for others to share its
+# commit when the previous commit was less than BUSY_WITHIN ago; otherwise it commits at once.
+GATHER_DELAY = 0.001
+BUSY_WITHIN = 0.005
 
 
 class Recorder:
@@ -46,6 +56,11 @@ class Recorder:
         self._since_checkpoint = 0
         self._checkpoint_due = checkpoint_every
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._commit: asyncio.Future[None] | None = None
+        self._last_commit = 0.0
+        self._retry_delay = FLUSH_DELAY
+        self._failure_logged = 0.0
+        self.keeper: AuditKeeper | None = None  # set when a keeper thread does the slow disk work
         self._unpublished: list[str] = []  # stdout lines of events not committed yet, in chain order
 
     def record(
@@ -60,14 +75,18 @@ class Recorder:
         """Commit one event (raises StoreUnavailable when it cannot be) and publish it."""
         cleaned = redact(dict(payload))
         assert isinstance(cleaned, dict)  # redact keeps a mapping a mapping
-        event = self.store.append(
-            type=type,
-            agent=agent,
-            policy_revision=policy_revision,
-            payload=cleaned,
-            ts=self._clock(),
-            durable=durable,
-        )
+        try:
+            event = self.store.append(
+                type=type,
+                agent=agent,
+                policy_revision=policy_revision,
+                payload=cleaned,
+                ts=self._clock(),
+                durable=durable,
+            )
+        except AuditFull as exc:
+            self._note_full(exc)
+            raise
         if not durable:
             self._schedule_flush()
         self.metrics.audit_events.labels(type=type).inc()
@@ -88,6 +107,64 @@ class Recorder:
                 self._checkpoint_due = self._since_checkpoint + self._checkpoint_every
         return event
 
+    @property
+    def blocked(self) -> tuple[str, str] | None:
+        """(reason code, reason) when nothing more may be recorded, so every request is refused
+        before anything is decided: the audit is full, or the store has failed for a long while."""
+        keeper = self.keeper
+        if keeper is not None and keeper.full is not None:
+            return "audit.full", keeper.full
+        if self.store.pending >= MAX_PENDING:
+            return (
+                "audit.unavailable",
+                f"{self.store.pending} audit events wait for a store that cannot write",
+            )
+        return None
+
+    def _note_full(self, exc: AuditFull) -> None:
+        keeper = self.keeper
+        if keeper is not None:
+            keeper.disk_full = True
+            keeper.full = keeper.full or str(exc)
+            keeper.wake()
+
+    async def committed(self) -> None:
+        """Wait until every event recorded so far is committed; raises StoreUnavailable when it cannot
+        be. Callers waiting in the same turn of the event loop share one commit (group commit): a
+        decision is still durable before its request is forwarded, at a fraction of the writes."""
+        if self.store.pending == 0:
+            return
+        waiter = self._commit
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            # retrieved here, so a waiter that was cancelled meanwhile leaves no "never retrieved" warning
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._commit = waiter
+            if loop.time() - self._last_commit < BUSY_WITHIN:
+                # Busy (the last commit was just now): gather the decisions of the next moment into
+                # this commit; it costs each request about as long as one commit, and saves commits.
+                loop.call_later(GATHER_DELAY, self._commit_now)
+            else:
+                loop.call_soon(self._commit_now)
+        await asyncio.shield(waiter)
+
+    def _commit_now(self) -> None:
+        waiter, self._commit = self._commit, None
+        if waiter is None:
+            return
+        try:
+            self.store.flush()
+        except StoreUnavailable as exc:
+            if isinstance(exc, AuditFull):
+                self._note_full(exc)
+            waiter.set_exception(exc)
+            self._schedule_flush()  # what is queued is retried; the waiters refuse their requests
+            return
+        self._last_commit = asyncio.get_running_loop().time()
+        waiter.set_result(None)
+        self._publish()
+
     def _schedule_flush(self) -> None:
         if self._flush_handle is not None:
             return
@@ -96,16 +173,23 @@ class Recorder:
         except RuntimeError:
             self.store.flush()
             return
-        self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_later)
+        self._flush_handle = loop.call_later(self._retry_delay, self._flush_later)
 
     def _flush_later(self) -> None:
         self._flush_handle = None
         try:
             self.store.flush()
         except StoreUnavailable as exc:
-            log.error("audit write-behind failed, retrying: %s", exc)
+            if isinstance(exc, AuditFull):
+                self._note_full(exc)
+            now = time.monotonic()
+            if now - self._failure_logged >= 5:  # a store that keeps failing is said every few seconds
+                log.error("audit write-behind failed, retrying: %s", exc)
+                self._failure_logged = now
+            self._retry_delay = min(self._retry_delay * 2, 1.0)
             self._schedule_flush()
             return
+        self._retry_delay = FLUSH_DELAY
         self._publish()
 
     def _publish(self) -> None:
@@ -121,35 +205,26 @@ class Recorder:
             pass  # a closed stdout must not stop enforcement; the database holds the record
 
     def checkpoint(self) -> dict[str, object] | None:
-        """Sign (size, head hash) so that cutting off the newest events becomes detectable."""
+        """Sign (size, head hash) so that cutting off the newest events becomes detectable. With a
+        keeper, the sync and the signature happen on its thread (None is returned); without one, here."""
+        keeper = self.keeper
+        if keeper is not None:
+            self.store.flush()  # committed here; the keeper syncs it to disk before signing
+            self._publish()
+            size, head = self.store.head
+            self._since_checkpoint = 0
+            self._checkpoint_due = self._checkpoint_every
+            if size:
+                keeper.request_checkpoint(size, head, self._clock())
+            return None
         self.store.sync()  # what is signed is on disk first
         self._publish()
         size, head = self.store.head
         if size == 0:
             return None
-        ts = self._clock()
-        payload = checkpoint_payload(size, head, ts)
-        entry: dict[str, object] = {
-            "size": size,
-            "head_hash": head,
-            "ts": ts,
-            "sig": sign_checkpoint(payload, self._audit_key),
-        }
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-        fd = os.open(self._checkpoint_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        entry = write_checkpoint(self._checkpoint_path, self._audit_key, size, head, self._clock())
         self._since_checkpoint = 0
         self._checkpoint_due = self._checkpoint_every
-        # stdout carries audit events only; the checkpoint goes to the log stream (stderr) as one JSON line.
-        try:
-            sys.stderr.write(json.dumps({"log": "vienna.checkpoint", **entry}, sort_keys=True) + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
         return entry
 
     @property

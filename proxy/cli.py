@@ -18,7 +18,14 @@ from typing import Any, TextIO
 from urllib.parse import urlencode, urlsplit
 
 from policy import engine
-from policy.audit import GENESIS_HASH, AuditEvent, checkpoint_payload, verify_chain, verify_checkpoint
+from policy.audit import (
+    GENESIS_HASH,
+    AuditEvent,
+    checkpoint_payload,
+    cut_payload,
+    verify_chain,
+    verify_checkpoint,
+)
 from policy.classify import classify
 from policy.normalize import AmbiguousRequest, build_request
 from policy.rules import PolicyError, RuleSet, load_rules
@@ -89,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     export = audit_commands.add_parser("export", help="JSON Lines to stdout")
     export.add_argument("db", type=Path)
     export.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events after SEQ")
+    export.add_argument(
+        "--no-mark",
+        dest="mark",
+        action="store_false",
+        help="do not record in the data dir's state.db that these events were exported (retention drops"
+        " only exported events)",
+    )
 
     notify = commands.add_parser("notify", help="helpers for webhook receivers")
     notify_commands = notify.add_subparsers(dest="notify_command", required=True, metavar="SUBCOMMAND")
@@ -419,7 +433,8 @@ def _audit_verify_authority(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from proxy.store import read_events
+    from proxy.audit_keeper import Cut
+    from proxy.store import read_cut_records, read_events
 
     if args.authority:
         return _audit_verify_authority(args)
@@ -436,60 +451,102 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 1
     try:
         events = list(read_events(db))
+        cuts = [Cut(*row) for row in read_cut_records(db)]
     except Exception as exc:  # sqlite errors, malformed rows: all mean "cannot vouch for it"
         print(f"{db}: cannot read the audit log: {exc}")
         return 1
-    report = verify_chain(events, start_prev_hash=GENESIS_HASH)
+    checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
+    key_file = args.audit_key_file or db.with_name("audit.key")
+    key: bytes | None = key_file.read_bytes().strip() if key_file.exists() else None
+
+    # Where the chain starts: seq 1 after genesis, or — once retention dropped the oldest events —
+    # right after a signed cut, whose (first_seq, prev_hash) anchors what is left.
+    first = events[0].seq if events else (max(c.first_seq for c in cuts) if cuts else 1)
+    anchor: Cut | None = None
+    if first > 1:
+        anchor = next((c for c in reversed(cuts) if c.first_seq == first), None)
+        if anchor is None:
+            kept = max((c.first_seq for c in cuts if c.first_seq < first), default=1)
+            print(
+                f"TAMPERED: event seq {kept}: sequence_gap: {_missing(kept, first - 1)}"
+                + (
+                    " (retention dropped only the events before it)"
+                    if kept > 1
+                    else " (no signed retention cut)"
+                )
+            )
+            return 1
+        if key is None:
+            print(
+                f"{db}: cannot check the signed retention cut at seq {first} without the audit key ({key_file})"
+            )
+            return 1
+        signed = cut_payload(anchor.first_seq, anchor.prev_hash, anchor.ts, anchor.reason)
+        if not verify_checkpoint(signed, anchor.sig, key):
+            print(
+                f"TAMPERED: event seq {first}: the retention cut's signature does not verify (forged or wrong key)"
+            )
+            return 1
+    start_hash = anchor.prev_hash if anchor is not None else GENESIS_HASH
+    report = verify_chain(events, start_prev_hash=start_hash, start_seq=first)
     if not report.ok:
         explained = {
             "edited": "its hash does not match its content",
-            "sequence_gap": _missing(report.count + 1, (report.first_bad_seq or 0) - 1),
+            "sequence_gap": _missing(first + report.count, (report.first_bad_seq or 0) - 1),
             "reordered": "out of order",
-            "broken_link": "its prev_hash is not the hash of the event before it",
+            "broken_link": "its prev_hash is not the hash of the event before it"
+            + (" (the signed retention cut)" if anchor is not None and report.count == 0 else ""),
         }.get(report.problem or "", "")
         print(
             f"TAMPERED: event seq {report.first_bad_seq}: {report.problem}: {explained}"
             f" ({report.count} events verified before it)"
         )
         return 1
-    checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
-    key_file = args.audit_key_file or db.with_name("audit.key")
+    last = events[-1].seq if events else first - 1
     checked = 0
     if checkpoints_file.exists():
-        if not key_file.exists():
+        if key is None:
             print(f"{checkpoints_file}: cannot check checkpoints without the audit key ({key_file})")
             return 1
-        key = key_file.read_bytes().strip()
         hashes = {event.seq: event.hash for event in events}
+        if anchor is not None:
+            hashes[first - 1] = anchor.prev_hash
         for number, line in enumerate(checkpoints_file.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
                 payload = checkpoint_payload(int(entry["size"]), str(entry["head_hash"]), float(entry["ts"]))
-                signed = verify_checkpoint(payload, str(entry["sig"]), key)
+                signed_ok = verify_checkpoint(payload, str(entry["sig"]), key)
             except (ValueError, KeyError, TypeError):
                 print(f"{checkpoints_file}:{number}: malformed checkpoint")
                 return 1
-            if not signed:
+            if not signed_ok:
                 print(
                     f"{checkpoints_file}:{number}: checkpoint signature does not verify (forged or wrong key)"
                 )
                 return 1
             size = int(entry["size"])
+            if size < first - 1:
+                continue  # covers events retention dropped after they were exported or shipped
             if size not in hashes:
                 print(
-                    f"TAMPERED: event seq {len(events) + 1}: truncated: signed checkpoint {number} covers"
-                    f" {size} events, the log ends at seq {len(events)}"
+                    f"TAMPERED: event seq {last + 1}: truncated: signed checkpoint {number} covers"
+                    f" {size} events, the log ends at seq {last}"
                 )
                 return 1
             if hashes[size] != entry["head_hash"]:
                 print(f"TAMPERED: event seq {size}: differs from signed checkpoint {number}")
                 return 1
             checked += 1
-    print(
-        f"ok: {report.count} events, chain intact, head {report.head_hash[:16]}, {checked} signed checkpoints verified"
-    )
+    summary = f"ok: {report.count} events, chain intact, head {report.head_hash[:16]}, {checked} signed checkpoints verified"
+    if anchor is not None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(anchor.ts))
+        summary += (
+            f"; the chain starts at seq {first}: events 1-{first - 1} were {anchor.reason} and then dropped"
+            f" by retention ({when}), and a signed cut anchors the rest"
+        )
+    print(summary)
     return 0
 
 
@@ -498,14 +555,34 @@ def _missing(first: int, last: int) -> str:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
+    from proxy.audit_keeper import exported_through, mark_exported
     from proxy.store import read_events
 
     if not args.db.exists():
         print(f"{args.db}: no such file", file=sys.stderr)
         return 1
+    mark = exported_through(args.db.with_name("state.db"))
+    first: int | None = None
+    last = args.since
+    out = sys.stdout
     for event in read_events(args.db):
+        if first is None:
+            first = event.seq
+            if args.since < first - 1:
+                print(
+                    f"note: events 1-{first - 1} were dropped by retention after they were exported or shipped;"
+                    f" exporting from seq {first}",
+                    file=sys.stderr,
+                )
         if event.seq > args.since:
-            sys.stdout.write(json.dumps(event.as_dict(), sort_keys=True, separators=(",", ":")) + "\n")
+            out.write(json.dumps(event.as_dict(), sort_keys=True, separators=(",", ":")) + "\n")
+            last = event.seq
+    out.flush()  # everything is out before it counts as exported
+    # Exported counts only what follows on from what was exported before: an export from a later
+    # --since must not let retention drop the events it skipped.
+    contiguous = args.since <= mark or (first is not None and args.since < first)
+    if args.mark and last > mark and contiguous and mark_exported(args.db, last, time.time()):
+        print(f"exported through seq {last} (retention may now drop events up to it)", file=sys.stderr)
     return 0
 
 

@@ -238,6 +238,17 @@ SCHEMAS: dict[str, Any] = {
             "proxy_listening": {"type": "boolean"},
             "api_listening": {"type": "boolean"},
             "authority": OBJ,
+            "reason_code": {"enum": ["audit.full", "audit.unavailable"]},
+            "audit": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {
+                    "status": {"enum": ["ok", "audit.full", "audit.unavailable"]},
+                    "reason": STR,
+                    "warning": STR,
+                    "first_seq": INT,
+                },
+            },
         },
     },
 }

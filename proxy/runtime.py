@@ -25,6 +25,7 @@ from mitmproxy.master import Master
 
 from policy.rules import PolicyError, PolicyIssue, RuleSet, load_rules
 from policy.warrants import WarrantKeys
+from proxy.audit_keeper import AuditKeeper, exported_through
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
 from proxy.authority.db import SqliteDatabase
 from proxy.authority_client import AuthorityClient, AuthorityUnavailable
@@ -244,14 +245,25 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
     metrics = Metrics()
     metrics.policy_rules.set(len(rules.rules))
     metrics.policy_reloads.labels(result="success").inc()
-    store = Store(settings.data_dir / "audit.db")
+    store = Store(settings.data_dir / "audit.db", autocheckpoint=False)
+    audit_key = load_audit_key(settings.audit_key_file, settings.data_dir)
     recorder = Recorder(
         store,
         metrics,
-        audit_key=load_audit_key(settings.audit_key_file, settings.data_dir),
+        audit_key=audit_key,
         checkpoint_path=settings.data_dir / CHECKPOINT_FILE,
         checkpoint_every=settings.checkpoint_every,
         stdout=stdout_stream(settings.audit_stdout),
+    )
+    state_db = settings.data_dir / "state.db"
+    recorder.keeper = AuditKeeper(
+        store.path,
+        audit_key=audit_key,
+        checkpoint_path=settings.data_dir / CHECKPOINT_FILE,
+        retention=settings.audit_retain,
+        min_free_bytes=settings.audit_min_free,
+        released=lambda: (exported_through(state_db), "exported"),
+        metrics=metrics,
     )
     holder: dict[str, Sidecar] = {}
     notify = notify_config(settings)
@@ -406,6 +418,9 @@ async def serve(settings: Settings) -> int:
     if bundle is not None:
         master.options.update(ssl_verify_upstream_trusted_ca=str(bundle))
 
+    keeper = sidecar.recorder.keeper
+    if keeper is not None:
+        keeper.start()  # measures once first: a full audit refuses from the first request
     app = make_app(sidecar, ca_cert=ca_cert_path(settings))
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
@@ -442,6 +457,8 @@ async def serve(settings: Settings) -> int:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(master_task, 10)
         await runner.cleanup()
+        if keeper is not None:
+            keeper.stop()
         sidecar.store.close()
         if failure is None or "in use" in str(failure).lower():
             log.error(
@@ -477,6 +494,9 @@ async def serve(settings: Settings) -> int:
         shipper = AuditShipper(
             sidecar.store, sidecar.authority, chain=sidecar.sidecar_id, metrics=sidecar.metrics
         )
+        if keeper is not None:
+            shipped = shipper
+            keeper.released = lambda: (shipped.confirmed_through, "shipped")
         background += [asyncio.create_task(shipper.run()), asyncio.create_task(_keys_from_authority(sidecar))]
     if demo is not None:
         proxy_url = f"http://{settings.listen_host}:{settings.listen_port}"
@@ -519,6 +539,9 @@ async def serve(settings: Settings) -> int:
     await runner.cleanup()
     if demo is not None:
         await demo.runner.cleanup()
+    if keeper is not None:
+        keeper.stop()
+        sidecar.recorder.keeper = None  # the last checkpoint is signed here, inline
     with contextlib.suppress(Exception):
         if sidecar.recorder.dirty:
             sidecar.recorder.checkpoint()

@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from policy.retention import Retention, parse_retention, parse_size
+
+NO_RETENTION = Retention()
+
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE = 0  # no limit: responses stream, memory is bounded by buffers
 
@@ -53,6 +57,8 @@ class Settings:
     notify_secret_file: Path | None = None
     notify_format: str = "json"
     secrets_dir: Path | None = None
+    audit_retain: Retention = NO_RETENTION
+    audit_min_free: int | None = None  # None: 5 % of the data dir's file system, at most 64 MiB
 
     @property
     def upstream_proxy_address(self) -> tuple[str, int] | None:
@@ -115,6 +121,17 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ),
     ("audit-stdout", "true", "also write every audit event as a JSON line to stdout (true/false)"),
     ("checkpoint-every", "1000", "sign an audit checkpoint every N events"),
+    (
+        "audit-retain",
+        "none",
+        "keep audit events this long and/or this much (7d, 2GiB, 7d,2GiB); older ones are dropped only"
+        " once exported or shipped; at the size limit with nothing droppable every request gets 503 audit.full",
+    ),
+    (
+        "audit-min-free",
+        "auto",
+        "refuse every request (503 audit.full) when the data dir has less free space (auto: 5%% of it, at most 64MiB)",
+    ),
     ("checkpoint-seconds", "60", "and at least every T seconds when events were added"),
     ("public-api-url", None, "API base URL to put in passback bodies (default: from --api)"),
     (
@@ -130,6 +147,24 @@ RUN_FLAGS: tuple[tuple[str, str | None, str], ...] = (
         "start a throwaway upstream on loopback, name it in the policy, try every tier once (true/false)",
     ),
 )
+
+
+def _retention(text: str) -> Retention:
+    try:
+        return parse_retention(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _min_free(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise SettingsError(f"--audit-min-free: {exc}") from None
 
 
 def add_notify_flags(parser: argparse.ArgumentParser) -> None:
@@ -276,4 +311,6 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         authority=authority.rstrip("/") if authority else None,
         authority_token_file=path("authority-token-file"),
         secrets_dir=path("secrets-dir"),
+        audit_retain=_retention(str(raw["audit-retain"])),
+        audit_min_free=_min_free(str(raw["audit-min-free"])),
     )

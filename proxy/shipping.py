@@ -37,6 +37,9 @@ class AuditShipper:
         self.chain = chain
         self.batch = batch
         self.shipped_seq: int | None = None  # the authority's head, once known
+        self.confirmed_through = (
+            0  # the highest head the authority has confirmed (retention may drop up to it)
+        )
         r = metrics.registry
         self.shipped = Counter(
             "vienna_audit_shipped_total", "Audit events the authority accepted", registry=r
@@ -98,6 +101,7 @@ class AuditShipper:
         """Send the next batch after the authority's head; the number of events it now holds newly."""
         if self.shipped_seq is None:
             self.shipped_seq = await self.client.audit_head(self.chain)
+            self.confirmed_through = max(self.confirmed_through, self.shipped_seq)
         events = await asyncio.to_thread(self._read, self.shipped_seq)
         head = self.store.head[0]
         self.lag.set(max(0, head - self.shipped_seq))
@@ -108,6 +112,7 @@ class AuditShipper:
         if status == 200:
             before = self.shipped_seq
             self.shipped_seq = int(body["head_seq"])
+            self.confirmed_through = max(self.confirmed_through, self.shipped_seq)
             accepted = int(body.get("accepted", 0))
             self.shipped.inc(accepted)
             self.lag.set(max(0, head - self.shipped_seq))

@@ -26,7 +26,20 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_cut (
+    first_seq INTEGER PRIMARY KEY,
+    prev_hash TEXT NOT NULL,
+    ts REAL NOT NULL,
+    reason TEXT NOT NULL,
+    sig TEXT NOT NULL
+);
 """
+# A retention cut: events before `first_seq` were dropped (after they were exported or shipped); the
+# signed (first_seq, prev_hash) anchors what is left, so the rest of the chain still verifies.
+# Every commit rewrites at least the table's last page, so the page size is the floor of what one
+# commit costs in the WAL; smaller pages hold fewer ~500-byte events each and waste more of every
+# page (measured: 1 KiB pages store ~690 bytes per event, 4 KiB ~510). Set only when the file is created.
+PAGE_SIZE = 4096
 
 # Operational state lives in its own file: a copy of audit.db handed to an auditor must not carry
 # minted warrants (bearer tokens) or anything else that could be replayed.
@@ -49,6 +62,11 @@ CREATE TABLE IF NOT EXISTS warrant_requests (
 );
 CREATE INDEX IF NOT EXISTS warrant_requests_by_fingerprint ON warrant_requests (agent, fingerprint, status);
 CREATE INDEX IF NOT EXISTS warrant_requests_by_status ON warrant_requests (status);
+CREATE TABLE IF NOT EXISTS audit_marks (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS warrant_uses (
     jti TEXT PRIMARY KEY,
     uses INTEGER NOT NULL,
@@ -60,6 +78,24 @@ CREATE TABLE IF NOT EXISTS warrant_uses (
 
 class StoreUnavailable(RuntimeError):
     """The store cannot write (locked, read-only, disk full): callers must refuse, never forward."""
+
+
+class AuditFull(StoreUnavailable):
+    """The audit cannot take more events: the disk is full, or the retention limit is reached with
+    nothing exported or shipped that could be dropped. Every request is refused (503 audit.full)."""
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what is open. SQLite has already rolled back a transaction whose COMMIT failed
+    (a full disk, say): a second ROLLBACK would raise and hide the error that matters."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _write_error(what: str, exc: sqlite3.Error) -> StoreUnavailable:
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return AuditFull(f"{what}: the disk is full ({exc})")
+    return StoreUnavailable(f"{what}: {exc}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,13 +115,19 @@ class Store:
     """audit.db (the chain) and state.db (warrant requests, consumed warrant ids), used from the event
     loop thread: durable writes commit before returning, write-behind events wait for the next commit."""
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL", autocheckpoint: bool = True) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=2.0)
         self._lock = threading.Lock()
+        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op once the file has pages
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA journal_size_limit=8388608")  # the WAL file shrinks back after a burst
+        if not autocheckpoint:
+            # The audit keeper checkpoints from its own thread: a checkpoint (with its fsyncs) on the
+            # event loop stalls every request in flight.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
         self._state = sqlite3.connect(
             str(path.with_name("state.db")), isolation_level=None, check_same_thread=False, timeout=2.0
@@ -96,6 +138,10 @@ class Store:
         for statement in OUTBOX_DDL:
             self._state.execute(statement)
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:  # empty, or everything was cut: the chain goes on from the last cut
+            row = self._db.execute(
+                "SELECT first_seq - 1, prev_hash FROM audit_cut ORDER BY first_seq DESC LIMIT 1"
+            ).fetchone()
         self._head_seq: int = row[0] if row else 0
         self._head_hash: str = row[1] if row else GENESIS_HASH
         self._pending: list[AuditEvent] = []
@@ -168,7 +214,7 @@ class Store:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"audit store cannot sync: {exc}") from exc
+                raise _write_error("audit store cannot sync", exc) from exc
 
     def _flush_locked(self) -> None:
         if not self._pending:
@@ -200,10 +246,10 @@ class Store:
                     self._db.executemany(sql, rows)
                     self._db.execute("COMMIT")
                 except sqlite3.Error:
-                    self._db.execute("ROLLBACK")
+                    rollback(self._db)
                     raise
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"audit store cannot write: {exc}") from exc
+            raise _write_error("audit store cannot write", exc) from exc
         self._pending.clear()
 
     def events(self, *, after: int = 0, limit: int | None = None) -> list[AuditEvent]:
@@ -309,10 +355,10 @@ class Store:
                         self._state.executemany(INSERT_SQL.replace("%s", "?"), notifications)
                     self._state.execute("COMMIT")
                 except BaseException:
-                    self._state.execute("ROLLBACK")
+                    rollback(self._state)
                     raise
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"warrant request store cannot write: {exc}") from exc
+            raise _write_error("warrant request store cannot write", exc) from exc
 
     def pending_past(self, now: float) -> list[StoredRequest]:
         """Pending requests whose deadline has passed (to be marked expired and announced)."""
@@ -334,7 +380,7 @@ class Store:
                 )
                 return cursor.rowcount == 1
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"warrant store cannot write: {exc}") from exc
+            raise _write_error("warrant store cannot write", exc) from exc
 
     def warrant_uses(self, jti: str) -> int:
         row = self._state.execute("SELECT uses FROM warrant_uses WHERE jti = ?", (jti,)).fetchone()
@@ -365,6 +411,20 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
             yield row_to_event(row)
     finally:
         db.close()
+
+
+def read_cut_records(path: Path) -> list[tuple[int, str, float, str, str]]:
+    """The signed retention cuts of a (possibly copied) audit database, oldest first."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT first_seq, prev_hash, ts, reason, sig FROM audit_cut ORDER BY first_seq"
+        ).fetchall()
+    except sqlite3.OperationalError:  # a database from before retention existed
+        return []
+    finally:
+        db.close()
+    return [(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4])) for r in rows]
 
 
 def _vote_to_dict(vote: Vote) -> dict[str, object]:

@@ -20,7 +20,7 @@ from proxy.control.auth import AuthThrottle, authenticate
 from proxy.control.direct import execute, intent_canonical, report, submit_handler_intent, verify_warrant
 from proxy.control.paging import list_query, page_headers
 from proxy.openapi import add_openapi_route
-from proxy.store import StoreUnavailable
+from proxy.store import AuditFull, StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
 if TYPE_CHECKING:
@@ -68,13 +68,24 @@ def _operator(request: web.Request) -> str | web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.method == "POST":
+        # Every POST records something (an intent, a vote, an execution): none while the audit is full.
+        blocked = request.app[SIDECAR].recorder.blocked
+        if blocked is not None:
+            return _error(503, "unavailable", f"{blocked[1]}; refused", reason_code=blocked[0])
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except _BadRequest as exc:
         return _error(400, "bad_request", str(exc))
+    except AuditFull as exc:
+        return _error(
+            503, "unavailable", f"the audit cannot take more events: {exc}", reason_code="audit.full"
+        )
     except StoreUnavailable as exc:
-        return _error(503, "unavailable", f"the audit store cannot record: {exc}")
+        return _error(
+            503, "unavailable", f"the audit store cannot record: {exc}", reason_code="audit.unavailable"
+        )
     except web.HTTPException as exc:
         if exc.status >= 400:
             return _error(exc.status, "bad_request" if exc.status < 500 else "error", exc.reason)
@@ -96,7 +107,23 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if sidecar.authority is not None:
         body["authority"] = {"url": sidecar.authority.base_url, "keys_known": sidecar.keys is not None}
-    return web.json_response(body, status=200 if sidecar.ready else 503)
+    ready = sidecar.ready
+    blocked = sidecar.recorder.blocked
+    keeper = sidecar.recorder.keeper
+    if keeper is not None or blocked is not None:
+        audit: dict[str, object] = {"status": "ok" if blocked is None else blocked[0]}
+        if blocked is not None:
+            audit["reason"] = blocked[1]
+            ready = False
+        if keeper is not None:
+            audit["first_seq"] = keeper.first_seq
+            if keeper.warning is not None:
+                audit["warning"] = keeper.warning
+        body["audit"] = audit
+        if blocked is not None:
+            body["status"] = "not_ready"
+            body["reason_code"] = blocked[0]
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

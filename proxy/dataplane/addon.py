@@ -52,7 +52,7 @@ from proxy.dataplane.mcp import ToolsListFilter, deny_tool, jsonrpc_refusal, mcp
 from proxy.dataplane.pinning import AddressPins
 from proxy.dataplane.tunnels import Tunnels
 from proxy.secrets import SecretMissing
-from proxy.store import StoreUnavailable
+from proxy.store import AuditFull, StoreUnavailable
 from proxy.warrant_requests import PendingLimit, canonical_request, constraints_preview
 
 if TYPE_CHECKING:
@@ -123,6 +123,10 @@ class EnforcementAddon:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse CONNECT to malformed, internal or own targets before any tunnel exists."""
+        blocked = self._audit_blocked()
+        if blocked is not None:
+            flow.response = blocked
+            return
         try:
             target = Request(
                 method="CONNECT",
@@ -153,6 +157,11 @@ class EnforcementAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.sidecar.inflight += 1
         try:
+            blocked = self._audit_blocked()
+            if blocked is not None:
+                flow.metadata["vienna.seen"] = True
+                flow.response = blocked
+                return
             refusal = self._check_head(flow)
             if refusal is not None:
                 flow.response = self._refuse_early(flow, refusal)
@@ -491,8 +500,7 @@ class EnforcementAddon:
                 "decision_id": decision_id,
                 "intent": decision.intent.as_dict(),
                 "tier": decision.tier.value,
-                "request": _audit_request(request, streamed=streamed),
-                "source": "proxy",
+                "source": "proxy",  # the request itself is in the decision event (same decision_id)
             },
             durable=False,
         )
@@ -506,7 +514,17 @@ class EnforcementAddon:
             warrant_request=warrant_request,
             would_deny=dryrun_forward,
             streamed=streamed,
+            durable=False,
         )
+        if sidecar.settings.durable_audit:
+            try:
+                # committed before anything is forwarded (or answered), in one commit with every
+                # decision taken in the same turn of the event loop
+                await sidecar.recorder.committed()
+            except StoreUnavailable as exc:
+                # The queued decision says what was decided; say that it was not carried out.
+                self._record_execution(request, decision, decision_id, status=503, error=_store_code(exc))
+                raise
         self._observe(decision, started, label)
 
         if not (forwards or dryrun_forward):
@@ -838,6 +856,7 @@ class EnforcementAddon:
         warrant_request: dict[str, Any] | None = None,
         would_deny: bool = False,
         streamed: bool = False,
+        durable: bool | None = None,
     ) -> None:
         payload: dict[str, Any] = {
             "decision_id": decision_id,
@@ -869,7 +888,7 @@ class EnforcementAddon:
             agent=self.sidecar.settings.agent_id,
             policy_revision=decision.policy_revision,
             payload=payload,
-            durable=self.sidecar.settings.durable_audit,
+            durable=self.sidecar.settings.durable_audit if durable is None else durable,
         )
 
     def _record_execution(
@@ -892,8 +911,8 @@ class EnforcementAddon:
             "duration_ms": round(exchange.seconds * 1000, 3) if exchange is not None else 0.0,
             "intent": decision.intent.as_dict(),
         }
-        if exchange is not None and exchange.streamed_body:
-            payload["body_sha256"] = exchange.body_sha256
+        if exchange is not None and exchange.streamed_body and exchange.bytes_up:
+            payload["body_sha256"] = exchange.body_sha256  # of the body as it streamed upstream
         if error is not None:
             payload["error"] = error
         if decision.warrant_id is not None:
@@ -931,7 +950,20 @@ class EnforcementAddon:
     def _store_unavailable(self, exc: StoreUnavailable) -> http.Response:
         log.error("audit store unavailable, refusing: %s", exc)
         self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+        if isinstance(exc, AuditFull):
+            return plain_error(
+                503, "denied", "audit.full", f"the audit cannot take more events: {exc}; refused"
+            )
         return plain_error(503, "denied", "audit.unavailable", "the audit store cannot record; refused")
+
+    def _audit_blocked(self) -> http.Response | None:
+        """503 before anything is decided or recorded while the audit cannot take more events."""
+        blocked = self.sidecar.recorder.blocked
+        if blocked is None:
+            return None
+        code, why = blocked
+        self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
+        return plain_error(503, "denied", code, f"{why}; refused (nothing is forwarded unrecorded)")
 
     def _internal_error(self, flow: http.HTTPFlow) -> http.Response:
         self.sidecar.metrics.requests.labels(tier="deny", decision="error", action="unknown").inc()
@@ -1049,6 +1081,10 @@ def _audit_request(request: Request, *, streamed: bool = False) -> dict[str, Any
     else:
         audited.update(body_sha256=request.body_sha256, body_bytes=len(request.body))
     return audited
+
+
+def _store_code(exc: StoreUnavailable) -> str:
+    return "audit.full" if isinstance(exc, AuditFull) else "audit.unavailable"
 
 
 def _request_digest(request: Request) -> str:

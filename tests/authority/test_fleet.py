@@ -431,3 +431,56 @@ def test_a_sidecar_serving_an_agent_it_is_not_listed_for_is_refused_403(
         assert upstream.seen("/items/not-listed") == []
     finally:
         sidecar.stop()
+
+
+def test_retention_in_authority_mode_drops_only_what_the_authority_holds(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    sidecar = Sidecar(
+        tmp_path / "sc1",
+        args=[*sidecar_args(authority, tmp_path / "sc1.token"), "--audit-retain", "96KiB"],
+        audit_stdout=False,
+    )
+    sidecar.start()
+    chain = f"sc1/{(sidecar.data_dir / 'sidecar.id').read_text().strip()}"
+    session = new_session(sidecar.proxy_url)
+    try:
+        for index in range(250):
+            assert session.get(upstream.url(f"/reads/retained/{index}"), timeout=30).status_code == 200
+        wait_for(lambda: local_events(sidecar)[0].seq > 1, "retention dropping shipped events", timeout=30)
+        first = local_events(sidecar)[0].seq
+        held = authority.chains()[chain]["head_seq"]
+        assert first - 1 <= held  # nothing dropped that the authority does not hold
+
+        # With the authority gone nothing more is shipped, so nothing more may be dropped: full.
+        authority.kill()
+        refused = None
+        for index in range(3000):
+            answer = session.get(upstream.url(f"/reads/unshipped/{index}"), timeout=30)
+            if answer.status_code != 200:
+                refused = answer
+                break
+        assert refused is not None, "the audit never filled while the authority was down"
+        assert refused.status_code == 503 and refused.json()["reason_code"] == "audit.full", refused.text
+        assert local_events(sidecar)[0].seq - 1 <= held
+
+        authority.start()  # shipping resumes, the shipped events are dropped, requests pass again
+        wait_for(
+            lambda: session.get(upstream.url("/reads/after"), timeout=30).status_code == 200,
+            "room again once the authority holds the events",
+            timeout=60,
+        )
+        kept = local_events(sidecar)
+        shipped = [AuditEvent.from_dict(e) for e in authority.events(chain)]
+        assert verify_chain(shipped).ok and shipped[0].seq == 1
+        by_seq = {e.seq: e.hash for e in shipped}
+        assert all(by_seq.get(seq) is not None for seq in range(1, kept[0].seq))  # every dropped one is there
+    finally:
+        session.close()
+        sidecar.stop()
+    verify = subprocess.run(
+        [str(VIENNA), "audit", "verify", str(sidecar.data_dir / "audit.db")],
+        capture_output=True, text=True, env=clean_env(), timeout=60,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout
+    assert "were shipped and then dropped by retention" in verify.stdout

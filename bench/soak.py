@@ -173,8 +173,10 @@ class Load:
     keys: WarrantKeys
     outcomes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    slowest: list[tuple[float, float, str]] = field(default_factory=list)  # (seconds, at, kind)
     sent: int = 0
     dropped: int = 0
+    started: float = 0.0
 
     def url(self, path: str) -> yarl.URL:
         return yarl.URL(f"http://127.0.0.1:{self.upstream_port}{path}", encoded=True)
@@ -233,7 +235,10 @@ class Load:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.outcomes[f"{kind} error {type(exc).__name__}"] += 1
             return
-        self.latencies.append(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.latencies.append(took)
+        if len(self.slowest) < 5 or took > self.slowest[-1][0]:
+            self.slowest = sorted([*self.slowest, (took, time.monotonic(), kind)], reverse=True)[:5]
         self.outcomes[f"{kind} {status}"] += 1
 
 
@@ -256,7 +261,7 @@ async def drive(
             finally:
                 slots.release()
 
-        start = time.monotonic()
+        start = load.started = time.monotonic()
         next_sample = start
         n = 0
         print(f"{'t(s)':>6} {'sent':>8} {'req/s':>7} {'RSS MiB':>8} {'fds':>5} {'thr':>4}", flush=True)
@@ -292,7 +297,17 @@ async def drive(
     return samples
 
 
-def report(samples: list[Sample], load: Load, seconds: float, rate: float) -> None:
+def percentile(ordered: list[float], share: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
+
+
+def report(
+    samples: list[Sample], load: Load, seconds: float, rate: float, data_dir: Path | None = None
+) -> None:
     warm = [s for s in samples if s.at >= min(30.0, seconds * 0.1)] or samples
     first, last = warm[0], samples[-1]
     print()
@@ -300,9 +315,20 @@ def report(samples: list[Sample], load: Load, seconds: float, rate: float) -> No
     print("outcomes: " + ", ".join(f"{kind} ×{count}" for kind, count in sorted(load.outcomes.items())))
     if load.latencies:
         ordered = sorted(load.latencies)
-        p50 = ordered[len(ordered) // 2] * 1000
-        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-        print(f"latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        print(
+            f"latency over {len(ordered)} requests: p50 {percentile(ordered, 0.5) * 1000:.1f} ms,"
+            f" p99 {percentile(ordered, 0.99) * 1000:.1f} ms, p99.9 {percentile(ordered, 0.999) * 1000:.1f} ms,"
+            f" max {ordered[-1] * 1000:.1f} ms"
+        )
+        start = load.started
+        print(
+            "slowest: "
+            + ", ".join(
+                f"{took * 1000:.0f} ms ({kind}, at {at - start:.0f}s)" for took, at, kind in load.slowest
+            )
+        )
+    if data_dir is not None and data_dir.exists():
+        print(f"data dir at the end: {directory_bytes(data_dir) / 1e6:.1f} MB ({data_dir})")
     rss_growth = (last.rss_kib - first.rss_kib) / 1024
     print(
         f"RSS after warm-up ({first.at:.0f}s): {first.rss_kib / 1024:.1f} MiB → end: {last.rss_kib / 1024:.1f} MiB "
@@ -322,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second (default 40)")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples (default 5)")
     parser.add_argument("--concurrency", type=int, default=64, help="most requests in flight (default 64)")
+    parser.add_argument(
+        "--vienna-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra `vienna run` argument (repeatable), e.g. --vienna-arg=--audit-retain=64MiB",
+    )
     args = parser.parse_args(argv)
     vienna = Path(sys.executable).with_name("vienna")
     env = {
@@ -361,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(key_file),
                         "--audit-stdout",
                         "false",
+                        *args.vienna_arg,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -382,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     pid=sidecar.pid,
                 )
             )
-            report(samples, load, args.seconds, args.rate)
+            report(samples, load, args.seconds, args.rate, work / "data")
         finally:
             for process in reversed(processes):
                 process.terminate()

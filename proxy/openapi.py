@@ -175,6 +175,7 @@ SCHEMAS: dict[str, Any] = {
             "events": {"type": "array", "items": _ref("AuditEvent")},
             "next_after": INT,
             "head_seq": INT,
+            "first_seq": INT,
         },
     },
     "Execution": {

@@ -380,7 +380,11 @@ async def audit(request: web.Request) -> web.Response:
         raise _BadRequest("after must be >= 0 and limit 1-10000")
     events = [event.as_dict() for event in sidecar.store.events(after=after, limit=limit)]
     next_after = events[-1]["seq"] if events else after
-    return web.json_response({"events": events, "next_after": next_after, "head_seq": sidecar.store.head[0]})
+    page: dict[str, object] = {"events": events, "next_after": next_after, "head_seq": sidecar.store.head[0]}
+    keeper = sidecar.recorder.keeper
+    if keeper is not None:
+        page["first_seq"] = keeper.first_seq  # events before it were dropped by retention, once released
+    return web.json_response(page)
 
 
 def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:

@@ -751,6 +751,34 @@ def test_persistent_data_dir(helm: Path, rendered: dict[str, Rendered]) -> None:
     assert "persistence.enabled needs replicaCount: 1" in done.stderr
 
 
+def test_audit_retention_fits_the_data_dir(helm: Path, rendered: dict[str, Rendered]) -> None:
+    from policy.retention import parse_retention, parse_size
+
+    case = rendered["default"]
+    retain = env_value(case.sidecar, "VIENNA_AUDIT_RETAIN")
+    assert retain is not None
+    retention = parse_retention(retain)  # what the sidecar will parse
+    limit = parse_size(case.volumes["vienna-data"]["emptyDir"]["sizeLimit"])
+    assert retention.max_bytes is not None and retention.max_age is not None
+    # the default keeps room beside the events for the WAL, state.db and the CA: no eviction
+    assert retention.max_bytes <= 0.8 * limit
+    assert env_value(case.sidecar, "VIENNA_AUDIT_MIN_FREE") is None  # auto
+    persistent = rendered["legacy-sidecar"]
+    assert parse_retention(env_value(persistent.sidecar, "VIENNA_AUDIT_RETAIN") or "").max_bytes is not None
+
+    too_much = helm_template(helm, "default", "--set", "audit.retain=2Gi", check=False)
+    assert too_much.returncode != 0
+    assert "audit.retain keeps up to 2Gi but the data dir holds 1Gi" in too_much.stderr
+    bigger = helm_template(helm, "default", "--set", "persistence.emptyDirSizeLimit=4Gi", "--set", "audit.retain=2Gi")
+    assert 'value: "2Gi"' in bigger.stdout
+    claim = helm_template(
+        helm, "legacy-sidecar", "--set", "persistence.size=1Gi", "--set", "audit.retain=7d\\,900Mi", check=False
+    )
+    assert claim.returncode != 0 and "the data dir holds 1Gi" in claim.stderr
+    keep_all = helm_template(helm, "default", "--set", "audit.retain=")
+    assert "VIENNA_AUDIT_RETAIN" not in keep_all.stdout
+
+
 def test_agent_id_defaults_to_the_pod_name(rendered: dict[str, Rendered]) -> None:
     entry = env_of(rendered["default"].sidecar)["VIENNA_AGENT_ID"]
     assert entry["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -766,6 +794,8 @@ def test_agent_id_defaults_to_the_pod_name(rendered: dict[str, Rendered]) -> Non
         ("--set", "operators.list[0].name=eve,operators.list[0].tokenSha256=not-hex"),
         ("--set", "agent.image="),
         ("--set", "sidecar.unknownKnob=true"),
+        ("--set", "audit.retain=7parsecs"),
+        ("--set", "audit.minFree=lots"),
     ],
     ids=lambda o: str(o[1]).split("=")[0] if isinstance(o, tuple) else str(o),
 )

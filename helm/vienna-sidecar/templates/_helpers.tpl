@@ -134,6 +134,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.persistence.enabled (gt (int .Values.replicaCount) 1) }}
 {{- fail "persistence.enabled needs replicaCount: 1 (one data dir per sidecar; a ReadWriteOnce claim cannot be shared)" }}
 {{- end }}
+{{- if not (and .Values.persistence.enabled .Values.persistence.existingClaim) }}
+{{- $limitText := ternary .Values.persistence.size .Values.persistence.emptyDirSizeLimit .Values.persistence.enabled | toString }}
+{{- $limit := include "vienna-sidecar.bytes" $limitText | int64 }}
+{{- range (splitList "," (.Values.audit.retain | toString)) }}
+{{- $part := trim . }}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+)? ?([KMGT]i?B?|B)?$" $part }}
+{{- $size := include "vienna-sidecar.bytes" $part | int64 }}
+{{- if gt (mul $size 5) (mul $limit 4) }}
+{{- fail (printf "audit.retain keeps up to %s but the data dir holds %s: keep at most 80%% of it (the WAL, state.db and the CA need room), or raise the data dir's size" $part $limitText) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity or a `vienna` size (1Gi, 500M, 768MiB, 1048576) in bytes (whole units). */}}
+{{- define "vienna-sidecar.bytes" -}}
+{{- $text := trim (toString .) }}
+{{- $number := regexFind "^[0-9]+" $text }}
+{{- $unit := trimPrefix $number $text | trim | trimSuffix "B" }}
+{{- $units := dict "" 1 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- mul (int64 $number) (int64 (get $units $unit)) }}
 {{- end }}
 
 {{/*
@@ -336,6 +358,14 @@ image's defaults.
     {{- if .Values.sidecar.publicApiUrl }}
     - name: VIENNA_PUBLIC_API_URL
       value: {{ .Values.sidecar.publicApiUrl | quote }}
+    {{- end }}
+    {{- if .Values.audit.retain }}
+    - name: VIENNA_AUDIT_RETAIN
+      value: {{ .Values.audit.retain | quote }}
+    {{- end }}
+    {{- if ne (toString .Values.audit.minFree) "auto" }}
+    - name: VIENNA_AUDIT_MIN_FREE
+      value: {{ .Values.audit.minFree | toString | quote }}
     {{- end }}
     {{- with .Values.sidecar.extraEnv }}
     {{- toYaml . | nindent 4 }}

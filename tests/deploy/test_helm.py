@@ -769,10 +769,18 @@ def test_audit_retention_fits_the_data_dir(helm: Path, rendered: dict[str, Rende
     too_much = helm_template(helm, "default", "--set", "audit.retain=2Gi", check=False)
     assert too_much.returncode != 0
     assert "audit.retain keeps up to 2Gi but the data dir holds 1Gi" in too_much.stderr
-    bigger = helm_template(helm, "default", "--set", "persistence.emptyDirSizeLimit=4Gi", "--set", "audit.retain=2Gi")
+    bigger = helm_template(
+        helm, "default", "--set", "persistence.emptyDirSizeLimit=4Gi", "--set", "audit.retain=2Gi"
+    )
     assert 'value: "2Gi"' in bigger.stdout
     claim = helm_template(
-        helm, "legacy-sidecar", "--set", "persistence.size=1Gi", "--set", "audit.retain=7d\\,900Mi", check=False
+        helm,
+        "legacy-sidecar",
+        "--set",
+        "persistence.size=1Gi",
+        "--set",
+        "audit.retain=7d\\,900Mi",
+        check=False,
     )
     assert claim.returncode != 0 and "the data dir holds 1Gi" in claim.stderr
     keep_all = helm_template(helm, "default", "--set", "audit.retain=")

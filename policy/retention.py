@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 
 _SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|ki|mi|gi|ti)?\s*")
-_DURATION = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*")
+# Durations are lower-case only: `500M` must not quietly mean 500 minutes.
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*")
 _SIZE_UNITS = {
     "b": 1,
     "kb": 1000,
@@ -51,7 +52,7 @@ def parse_duration(text: str) -> float:
     match = _DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration (e.g. 7d, 12h, 30m)")
-    seconds = float(match.group(1)) * _SECONDS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _SECONDS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"{text!r}: a duration must be positive")
     return seconds
@@ -115,6 +116,7 @@ class AuditUsage:
     aged_through: int = 0
     free_bytes: int | None = None
     min_free_bytes: int = 0
+    reusable_bytes: int = 0  # pages inside audit.db freed by earlier cuts: new events fill them first
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,14 @@ def plan_retention(retention: Retention, usage: AuditUsage) -> RetentionPlan:
     if retention.max_age is not None:
         wanted = max(wanted, usage.aged_through)
     over_limit = retention.max_bytes is not None and usage.live_bytes >= retention.max_bytes
+    # Free space counts the pages earlier cuts freed inside audit.db (the file does not shrink;
+    # new events reuse them). Below the floor, released events are dropped too, to make room.
+    room = None if usage.free_bytes is None else usage.free_bytes + usage.reusable_bytes
+    short = room is not None and usage.min_free_bytes > 0 and room < usage.min_free_bytes
+    if short and retention.enabled and events > 0 and usage.live_bytes > 0:
+        assert room is not None
+        per_event = usage.live_bytes / events
+        wanted = max(wanted, usage.first_seq - 1 + math.ceil((2 * usage.min_free_bytes - room) / per_event))
     if (
         retention.max_bytes is not None
         and events > 0
@@ -159,14 +169,19 @@ def plan_retention(retention: Retention, usage: AuditUsage) -> RetentionPlan:
             f"the audit holds {usage.live_bytes:,} of its {retention.max_bytes:,} byte limit and nothing"
             " is exported or shipped that could be dropped; requests will be refused (audit.full) at the limit"
         )
-    if usage.free_bytes is not None and usage.min_free_bytes > 0:
-        if usage.free_bytes < usage.min_free_bytes:
+    if room is not None and usage.min_free_bytes > 0:
+        if short and cut is None:
             full = full or (
-                f"the data dir has {usage.free_bytes:,} bytes free, below the floor of {usage.min_free_bytes:,}"
+                f"the data dir has {room:,} bytes free, below the floor of {usage.min_free_bytes:,}"
+                + (
+                    ""
+                    if retention.enabled
+                    else " (with --audit-retain, exported or shipped events are dropped)"
+                )
             )
-        elif usage.free_bytes < 2 * usage.min_free_bytes and warning is None:
+        elif room < 2 * usage.min_free_bytes and warning is None:
             warning = (
-                f"the data dir has {usage.free_bytes:,} bytes free; below {usage.min_free_bytes:,} every request"
+                f"the data dir has {room:,} bytes free; below {usage.min_free_bytes:,} every request"
                 " is refused (audit.full)"
             )
     return RetentionPlan(cut_through=cut, full=full, warning=warning)

@@ -21,15 +21,17 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from policy.audit import checkpoint_payload, cut_payload, sign_checkpoint
+from policy.audit import GENESIS_HASH, checkpoint_payload, cut_payload, sign_checkpoint, verify_chain
 from policy.retention import AuditUsage, Retention, RetentionPlan, plan_retention
 from proxy.metrics import Metrics
-from proxy.store import rollback
+from proxy.store import rollback, row_to_event
 
 log = logging.getLogger("vienna.audit")
 INTERVAL = 1.0
-CUT_CHUNK = 2000  # events dropped per transaction: each cut is short, so writers wait a few ms at most
+CUT_CHUNK = 500  # events dropped per transaction: each cut is short, so writers wait a few ms at most
+CUT_PAUSE = 0.005  # between two cuts, so that the event loop's commits get the write lock in between
 CUT_BUDGET = 0.25  # seconds of cutting per tick
+SAY_EVERY = 30.0  # a problem that persists is logged again this often
 AUTO_MIN_FREE = 64 * 1024 * 1024
 AUTO_MIN_FREE_SHARE = 0.05
 KEEP_CUTS = 100
@@ -61,26 +63,43 @@ def write_checkpoint(path: Path, key: bytes, size: int, head: str, ts: float) ->
     return entry
 
 
-def mark_exported(db: Path, seq: int, ts: float) -> bool:
-    """Record in the state.db beside `db` that events through `seq` were exported (retention may
-    then drop them). False when there is no such state.db (a copy of audit.db, say)."""
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Events through `seq` left the pod: `kind` "exported" (by `vienna audit export`) or "shipped"
+    (confirmed by the authority). `hash` is event `seq`'s hash as the exporter or the authority saw
+    it: a release counts only while it names an event of this very chain."""
+
+    seq: int
+    hash: str | None
+    kind: str
+
+
+NOTHING_SHIPPED = Release(0, None, "shipped")
+
+
+def mark_exported(db: Path, seq: int, hash_: str, ts: float) -> bool:
+    """Record in the state.db beside `db` that events through `seq` (whose hash is `hash_`) were
+    exported, so retention may drop them. False when there is no such state.db (a copy of audit.db)."""
     state = db.with_name("state.db")
     if not state.exists():
         return False
     conn = sqlite3.connect(str(state), timeout=5.0)
     try:
+        conn.execute(MARKS_DDL)
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS audit_marks (name TEXT PRIMARY KEY, seq INTEGER NOT NULL, ts REAL NOT NULL)"
-        )
-        conn.execute(
-            "INSERT INTO audit_marks (name, seq, ts) VALUES (?, ?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET seq = MAX(seq, excluded.seq), ts = excluded.ts",
-            (EXPORTED, seq, ts),
+            "INSERT OR REPLACE INTO audit_marks (name, seq, hash, ts) VALUES (?, ?, ?, ?)",
+            (EXPORTED, seq, hash_, ts),
         )
         conn.commit()
         return True
     finally:
         conn.close()
+
+
+MARKS_DDL = (
+    "CREATE TABLE IF NOT EXISTS audit_marks (name TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL,"
+    " ts REAL NOT NULL)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +120,7 @@ class AuditKeeper:
         checkpoint_path: Path,
         retention: Retention,
         min_free_bytes: int | None,
-        released: Callable[[], tuple[int, str]],
+        released: Callable[[], Release],
         metrics: Metrics,
         interval: float = INTERVAL,
         clock: Callable[[], float] = time.time,
@@ -125,6 +144,9 @@ class AuditKeeper:
         self.first_seq = 1
         self._said_at = 0.0
         self._failure_said_at = 0.0
+        self.problem: str | None = None  # why nothing may be dropped although the limits say so
+        self._release_problem: str | None = None
+        self._problem_said_at = 0.0
         r = metrics.registry
         self.g_bytes = Gauge("vienna_audit_bytes", "Bytes of audit.db and its WAL on disk", registry=r)
         self.g_live = Gauge(
@@ -173,6 +195,8 @@ class AuditKeeper:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still busy (a slow disk): its connection is left to the process's end
         if self._db is not None:
             self._db.close()
 
@@ -197,7 +221,10 @@ class AuditKeeper:
         try:
             self.tick()
         except Exception:  # the keeper must outlive any one failure; the next tick tries again
-            log.exception("audit keeper tick failed")
+            now = time.monotonic()
+            if now - self._failure_said_at >= SAY_EVERY:
+                log.exception("audit keeper tick failed; retrying every %.0f s", self._interval)
+                self._failure_said_at = now
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -217,41 +244,97 @@ class AuditKeeper:
         usage = self.measure(conn)
         plan = plan_retention(self.retention, usage)
         deadline = time.monotonic() + CUT_BUDGET
+        problem: str | None = None
         while plan.cut_through is not None and time.monotonic() < deadline:
             through = min(plan.cut_through, usage.first_seq + CUT_CHUNK - 1)
+            problem = self.chain_problem(conn, usage.first_seq, through)
+            if problem is not None:
+                break  # only a prefix that verifies from its anchor is ever dropped
             try:
-                self.cut(conn, through, reason=self._reason())
+                self.cut(conn, through, reason=self.released().kind)
             except sqlite3.Error as exc:
                 self._failed("audit retention cut failed", exc)
                 break
+            time.sleep(CUT_PAUSE)
             usage = self.measure(conn)
             plan = plan_retention(self.retention, usage)
+        self._note_problem(problem or self._release_problem)
         self._publish(usage, plan)
         return plan
+
+    def chain_problem(self, conn: sqlite3.Connection, first: int, through: int) -> str | None:
+        """Why events first..through must not be dropped (None: they may). They must follow on from
+        the last signed cut (or the genesis), verify link by link, and the event after them must
+        link to the last of them: what is dropped is exactly a verified prefix of the chain."""
+        anchor = conn.execute(
+            "SELECT first_seq, prev_hash FROM audit_cut ORDER BY first_seq DESC LIMIT 1"
+        ).fetchone()
+        start_seq, start_hash = (int(anchor[0]), str(anchor[1])) if anchor else (1, GENESIS_HASH)
+        if first != start_seq:
+            return (
+                f"the audit's oldest event is seq {first} but the chain starts at seq {start_seq}:"
+                " events are missing that no signed cut accounts for; nothing is dropped (run vienna audit verify)"
+            )
+        rows = conn.execute(
+            "SELECT seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit"
+            " WHERE seq >= ? AND seq <= ? ORDER BY seq",
+            (first, through + 1),
+        ).fetchall()
+        try:
+            report = verify_chain(
+                (row_to_event(row) for row in rows), start_prev_hash=start_hash, start_seq=first
+            )
+        except ValueError as exc:
+            return f"the audit chain cannot be read near seq {first}: {exc}; nothing is dropped"
+        if not report.ok or report.count != through + 2 - first:
+            bad = report.first_bad_seq or first + report.count
+            return (
+                f"the audit chain does not verify at seq {bad} ({report.problem or 'missing'});"
+                " nothing is dropped (run vienna audit verify)"
+            )
+        return None
+
+    def _note_problem(self, problem: str | None) -> None:
+        now = time.monotonic()
+        if problem is not None and (problem != self.problem or now - self._problem_said_at >= SAY_EVERY):
+            log.error("audit retention: %s", problem)
+            self._problem_said_at = now
+        self.problem = problem
 
     def _failed(self, what: str, exc: sqlite3.Error) -> None:
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             self.disk_full = True
         now = time.monotonic()
-        if now - self._failure_said_at >= 30:
+        if now - self._failure_said_at >= SAY_EVERY:
             log.error("%s, will retry: %s", what, exc)
             self._failure_said_at = now
-
-    def _reason(self) -> str:
-        return "shipped" if self.released()[1] == "shipped" else "exported"
 
     def _sign_checkpoints(self, conn: sqlite3.Connection) -> None:
         if not self._checkpoints:
             return
-        # A passive checkpoint syncs the WAL first: every commit before this call is then on disk.
+        # What is signed must be on disk: a passive checkpoint syncs the WAL only when it copies
+        # frames (a reader's snapshot can stop it), so the WAL is synced here as well.
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        wal = self.db_path.with_name(self.db_path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # no WAL: everything is in audit.db, which the checkpoint synced
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         while self._checkpoints:
             size, head, ts = self._checkpoints.popleft()
             try:
                 write_checkpoint(self._checkpoint_path, self._key, size, head, ts)
             except OSError as exc:
-                log.error("audit checkpoint failed, will retry: %s", exc)
                 self._checkpoints.appendleft((size, head, ts))
+                now = time.monotonic()
+                if now - self._failure_said_at >= SAY_EVERY:
+                    log.error("audit checkpoint failed, will retry: %s", exc)
+                    self._failure_said_at = now
                 return
 
     def measure(self, conn: sqlite3.Connection) -> AuditUsage:
@@ -272,7 +355,7 @@ class AuditKeeper:
             row = conn.execute("SELECT MAX(first_seq) FROM audit_cut").fetchone()
             head = (int(row[0]) - 1) if row and row[0] is not None else 0
             first = head + 1
-        released, _ = self.released()
+        released = self._check_release(conn, self.released(), int(first))
         aged = 0
         if self.retention.max_age is not None:
             aged = self._aged_through(conn, int(first), int(head), self._clock() - self.retention.max_age)
@@ -293,7 +376,23 @@ class AuditKeeper:
             aged_through=aged,
             free_bytes=free,
             min_free_bytes=min_free,
+            reusable_bytes=free_pages * page_size,
         )
+
+    def _check_release(self, conn: sqlite3.Connection, release: Release, first: int) -> int:
+        """The last seq that may be dropped: the release, if it names an event of this chain."""
+        self._release_problem = None
+        if release.seq < first:
+            return release.seq  # nothing newly released (or it was dropped already)
+        row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (release.seq,)).fetchone()
+        if row is not None and row[0] == release.hash:
+            return release.seq
+        what = "the authority" if release.kind == "shipped" else "the export mark in state.db"
+        self._release_problem = (
+            f"{what} says events through seq {release.seq} left the pod, but that is not an event of this"
+            f" audit chain ({'no such event' if row is None else 'its hash differs'}); nothing is dropped"
+        )
+        return first - 1
 
     @staticmethod
     def _aged_through(conn: sqlite3.Connection, first: int, head: int, cutoff: float) -> int:
@@ -356,23 +455,24 @@ class AuditKeeper:
         elif plan.warning is not None and (self.warning is None or now - self._said_at >= 60):
             log.warning("audit: %s", plan.warning)
             self._said_at = now
-        self.full, self.warning = full, plan.warning
+        self.full, self.warning = full, self.problem or plan.warning
         self.first_seq = usage.first_seq
         self.g_full.set(1 if full is not None else 0)
         self.g_first.set(usage.first_seq)
         self.g_live.set(usage.live_bytes)
 
 
-def exported_through(state_db: Path) -> int:
-    """The seq `vienna audit export` last recorded as exported (0: never)."""
+def exported_release(state_db: Path) -> Release:
+    """What `vienna audit export` last recorded as exported (seq 0: never)."""
+    nothing = Release(0, None, EXPORTED)
     try:
         conn = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=2.0)
     except sqlite3.Error:
-        return 0
+        return nothing
     try:
-        row = conn.execute("SELECT seq FROM audit_marks WHERE name = ?", (EXPORTED,)).fetchone()
-        return int(row[0]) if row else 0
+        row = conn.execute("SELECT seq, hash FROM audit_marks WHERE name = ?", (EXPORTED,)).fetchone()
+        return Release(int(row[0]), str(row[1]), EXPORTED) if row else nothing
     except sqlite3.Error:
-        return 0
+        return nothing
     finally:
         conn.close()

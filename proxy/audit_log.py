@@ -99,6 +99,8 @@ class Recorder:
             try:
                 self.checkpoint()
             except (OSError, StoreUnavailable) as exc:
+                if isinstance(exc, AuditFull):
+                    self._note_full(exc)
                 # The event itself is recorded: failing here would make the caller refuse (or
                 # report an error for) a request already decided or executed. Still owed: the
                 # timer, or the next event, tries again.

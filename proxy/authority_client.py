@@ -132,10 +132,15 @@ class AuthorityClient:
     # --- audit ---------------------------------------------------------------------------------
 
     async def audit_head(self, chain: str) -> int:
+        return (await self.audit_head_entry(chain))[0]
+
+    async def audit_head_entry(self, chain: str) -> tuple[int, str | None]:
+        """The authority's head of `chain`: (seq, hash of that event; None when it holds none)."""
         status, body = await self.call("GET", "/v1/audit/events/head", params={"chain": chain})
         if status != 200:
             raise AuthorityRefused(status, body)
-        return int(body["head_seq"])
+        head_hash = body.get("head_hash")
+        return int(body["head_seq"]), head_hash if isinstance(head_hash, str) else None
 
     async def ship(self, chain: str, events: Sequence[AuditEvent]) -> tuple[int, dict[str, Any]]:
         return await self.call(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import io
 import json
 import os
+import stat
 import sys
 import time
 import urllib.error
@@ -21,6 +23,7 @@ from policy import engine
 from policy.audit import (
     GENESIS_HASH,
     AuditEvent,
+    chain_hash,
     checkpoint_payload,
     cut_payload,
     verify_chain,
@@ -461,21 +464,35 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     # Where the chain starts: seq 1 after genesis, or — once retention dropped the oldest events —
     # right after a signed cut, whose (first_seq, prev_hash) anchors what is left.
-    first = events[0].seq if events else (max(c.first_seq for c in cuts) if cuts else 1)
+    newest = cuts[-1] if cuts else None
+    start = newest.first_seq if newest is not None else 1  # where the kept chain must begin
+    first = events[0].seq if events else start
     anchor: Cut | None = None
-    if first > 1:
-        anchor = next((c for c in reversed(cuts) if c.first_seq == first), None)
-        if anchor is None:
-            kept = max((c.first_seq for c in cuts if c.first_seq < first), default=1)
-            print(
-                f"TAMPERED: event seq {kept}: sequence_gap: {_missing(kept, first - 1)}"
-                + (
-                    " (retention dropped only the events before it)"
-                    if kept > 1
-                    else " (no signed retention cut)"
-                )
+    if not events and newest is not None:
+        # Retention never drops the newest event: an empty log after a cut was emptied by hand.
+        print(
+            f"TAMPERED: event seq {start}: truncated: every event from the signed retention cut on is missing"
+        )
+        return 1
+    if first > start:
+        print(
+            f"TAMPERED: event seq {start}: sequence_gap: {_missing(start, first - 1)}"
+            + (
+                " (retention dropped only the events before it)"
+                if start > 1
+                else " (no signed retention cut)"
             )
-            return 1
+        )
+        return 1
+    if first < start:
+        print(
+            f"TAMPERED: event seq {first}: reinserted: the signed retention cut says the chain starts at"
+            f" seq {start}, yet earlier events are present"
+        )
+        return 1
+    if first > 1:
+        anchor = newest
+        assert anchor is not None
         if key is None:
             print(
                 f"{db}: cannot check the signed retention cut at seq {first} without the audit key ({key_file})"
@@ -555,35 +572,74 @@ def _missing(first: int, last: int) -> str:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from proxy.audit_keeper import exported_through, mark_exported
-    from proxy.store import read_events
+    from proxy.audit_keeper import exported_release, mark_exported
+    from proxy.store import read_cut_records, read_events
 
-    if not args.db.exists():
-        print(f"{args.db}: no such file", file=sys.stderr)
+    db: Path = args.db
+    if not db.exists():
+        print(f"{db}: no such file", file=sys.stderr)
         return 1
-    mark = exported_through(args.db.with_name("state.db"))
+    cuts = read_cut_records(db)
+    start, prev_hash = (cuts[-1][0], cuts[-1][1]) if cuts else (1, GENESIS_HASH)
+    mark = exported_release(db.with_name("state.db"))
+    marked = 0  # how far the previous export mark holds for this chain
     first: int | None = None
-    last = args.since
+    expected = start
+    broken: str | None = None
+    last, last_hash = args.since, ""
     out = sys.stdout
-    for event in read_events(args.db):
+    for event in read_events(db):
         if first is None:
             first = event.seq
-            if args.since < first - 1:
+            if first == start and start > 1 and args.since < start - 1:
                 print(
-                    f"note: events 1-{first - 1} were dropped by retention after they were exported or shipped;"
-                    f" exporting from seq {first}",
+                    f"note: events 1-{start - 1} were dropped by retention after they were exported or shipped;"
+                    f" exporting from seq {start}",
                     file=sys.stderr,
                 )
+            if mark.seq < first:
+                marked = mark.seq
+        # The chain is checked on the way (as verify does): what is not intact is exported all the
+        # same, for the record, but never counts as exported.
+        if broken is None:
+            if event.seq != expected or event.prev_hash != prev_hash:
+                broken = f"seq {expected}" if event.seq != expected else f"seq {event.seq} (broken link)"
+            elif chain_hash(event.prev_hash, event.body()) != event.hash:
+                broken = f"seq {event.seq} (edited)"
+        prev_hash, expected = event.hash, event.seq + 1
+        if event.seq == mark.seq and event.hash == mark.hash:
+            marked = mark.seq
         if event.seq > args.since:
             out.write(json.dumps(event.as_dict(), sort_keys=True, separators=(",", ":")) + "\n")
-            last = event.seq
-    out.flush()  # everything is out before it counts as exported
-    # Exported counts only what follows on from what was exported before: an export from a later
-    # --since must not let retention drop the events it skipped.
-    contiguous = args.since <= mark or (first is not None and args.since < first)
-    if args.mark and last > mark and contiguous and mark_exported(args.db, last, time.time()):
-        print(f"exported through seq {last} (retention may now drop events up to it)", file=sys.stderr)
+            last, last_hash = event.seq, event.hash
+    out.flush()
+    if broken is not None:
+        print(
+            f"warning: the audit chain does not verify at {broken} (run vienna audit verify);"
+            " nothing is recorded as exported",
+            file=sys.stderr,
+        )
+        return 1
+    # Exported counts only what follows on from what was exported before (an export from a later
+    # --since skipped events), and only output that went somewhere: not a terminal, not /dev/null.
+    contiguous = args.since <= marked or (first is not None and args.since < first)
+    if args.mark and last > marked and contiguous and _kept_output(out):
+        mark_exported(db, last, last_hash, time.time())
     return 0
+
+
+def _kept_output(out: TextIO) -> bool:
+    """Whether what went to `out` was kept: a file (synced to disk here), a pipe or a socket."""
+    try:
+        fd = out.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    if os.isatty(fd) or stat.S_ISCHR(mode):
+        return False
+    if stat.S_ISREG(mode):
+        os.fsync(fd)
+    return True
 
 
 def _call(method: str, url: str, token: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:

@@ -229,6 +229,11 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+    "Started": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"enum": ["started", "starting"]}},
+    },
     "Ready": {
         "type": "object",
         "required": ["status", "policy_revision", "policy_rules", "proxy_listening", "api_listening"],
@@ -261,6 +266,15 @@ def _text(kind: str, description: str) -> dict[str, Any]:
 
 PATHS: dict[str, Any] = {
     "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(_ref("Health"), "alive")}}},
+    "/startupz": {
+        "get": {
+            "summary": "started (listening, policy loaded), whatever the audit's state: for startup probes",
+            "responses": {
+                "200": _json(_ref("Started"), "started"),
+                "503": _json(_ref("Started"), "starting"),
+            },
+        }
+    },
     "/readyz": {
         "get": {
             "summary": "readiness: policy loaded, proxy and API listening",

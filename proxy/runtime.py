@@ -25,7 +25,7 @@ from mitmproxy.master import Master
 
 from policy.rules import PolicyError, PolicyIssue, RuleSet, load_rules
 from policy.warrants import WarrantKeys
-from proxy.audit_keeper import AuditKeeper, exported_through
+from proxy.audit_keeper import NOTHING_SHIPPED, AuditKeeper, exported_release
 from proxy.audit_log import CHECKPOINT_FILE, Recorder, stdout_stream
 from proxy.authority.db import SqliteDatabase
 from proxy.authority_client import AuthorityClient, AuthorityUnavailable
@@ -262,7 +262,8 @@ def build_sidecar(settings: Settings, *, demo: Demo | None = None) -> Sidecar:
         checkpoint_path=settings.data_dir / CHECKPOINT_FILE,
         retention=settings.audit_retain,
         min_free_bytes=settings.audit_min_free,
-        released=lambda: (exported_through(state_db), "exported"),
+        # In authority mode only what the authority confirmed is released (set once shipping runs).
+        released=(lambda: NOTHING_SHIPPED) if settings.authority else (lambda: exported_release(state_db)),
         metrics=metrics,
     )
     holder: dict[str, Sidecar] = {}
@@ -496,7 +497,7 @@ async def serve(settings: Settings) -> int:
         )
         if keeper is not None:
             shipped = shipper
-            keeper.released = lambda: (shipped.confirmed_through, "shipped")
+            keeper.released = lambda: shipped.confirmed or NOTHING_SHIPPED
         background += [asyncio.create_task(shipper.run()), asyncio.create_task(_keys_from_authority(sidecar))]
     if demo is not None:
         proxy_url = f"http://{settings.listen_host}:{settings.listen_port}"

@@ -17,6 +17,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from policy.audit import AuditEvent
+from proxy.audit_keeper import Release
 from proxy.authority_client import AuthorityClient, AuthorityRefused, AuthorityUnavailable
 from proxy.metrics import Metrics
 from proxy.store import Store, row_to_event
@@ -37,9 +38,9 @@ class AuditShipper:
         self.chain = chain
         self.batch = batch
         self.shipped_seq: int | None = None  # the authority's head, once known
-        self.confirmed_through = (
-            0  # the highest head the authority has confirmed (retention may drop up to it)
-        )
+        # The authority's last confirmed head (seq and hash): retention may drop up to it, once the
+        # keeper has checked that the hash is this chain's. It follows the authority down as well.
+        self.confirmed: Release | None = None
         r = metrics.registry
         self.shipped = Counter(
             "vienna_audit_shipped_total", "Audit events the authority accepted", registry=r
@@ -100,8 +101,9 @@ class AuditShipper:
     async def ship_once(self) -> int:
         """Send the next batch after the authority's head; the number of events it now holds newly."""
         if self.shipped_seq is None:
-            self.shipped_seq = await self.client.audit_head(self.chain)
-            self.confirmed_through = max(self.confirmed_through, self.shipped_seq)
+            seq, hash_ = await self.client.audit_head_entry(self.chain)
+            self.shipped_seq = seq
+            self.confirmed = Release(seq, hash_, "shipped")
         events = await asyncio.to_thread(self._read, self.shipped_seq)
         head = self.store.head[0]
         self.lag.set(max(0, head - self.shipped_seq))
@@ -112,7 +114,10 @@ class AuditShipper:
         if status == 200:
             before = self.shipped_seq
             self.shipped_seq = int(body["head_seq"])
-            self.confirmed_through = max(self.confirmed_through, self.shipped_seq)
+            head_hash = body.get("head_hash")
+            self.confirmed = Release(
+                self.shipped_seq, head_hash if isinstance(head_hash, str) else None, "shipped"
+            )
             accepted = int(body.get("accepted", 0))
             self.shipped.inc(accepted)
             self.lag.set(max(0, head - self.shipped_seq))

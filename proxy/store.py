@@ -65,6 +65,7 @@ CREATE INDEX IF NOT EXISTS warrant_requests_by_status ON warrant_requests (statu
 CREATE TABLE IF NOT EXISTS audit_marks (
     name TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
     ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS warrant_uses (
@@ -177,7 +178,7 @@ class Store:
             event = link(
                 prev_hash=self._head_hash,
                 seq=self._head_seq + 1,
-                ts=ts,
+                ts=float(ts),  # stored as REAL: an int would hash as `5` and read back as `5.0`
                 type=type,
                 agent=agent,
                 policy_revision=policy_revision,
@@ -245,7 +246,7 @@ class Store:
                 try:
                     self._db.executemany(sql, rows)
                     self._db.execute("COMMIT")
-                except sqlite3.Error:
+                except BaseException:  # never leave the transaction open: later writes would join it
                     rollback(self._db)
                     raise
         except sqlite3.Error as exc:

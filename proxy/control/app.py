@@ -126,6 +126,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def startupz(request: web.Request) -> web.Response:
+    """Started: the policy is loaded and both listeners are up, whatever the audit's state. For a
+    startup probe: a sidecar that starts with a full audit must stay up (refusing, NotReady) so
+    that an operator can export and release it, not be restarted in a loop."""
+    sidecar = request.app[SIDECAR]
+    started = sidecar.proxy_listening and sidecar.api_listening
+    return web.json_response({"status": "started" if started else "starting"}, status=200 if started else 503)
+
+
 async def metrics(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     sidecar.warrant_requests.refresh_pending()
@@ -394,6 +403,7 @@ def make_app(sidecar: Sidecar, *, ca_cert: Path) -> web.Application:
     app[CA_CERT] = ca_cert
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/startupz", startupz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/ca.pem", ca_pem)
     app.router.add_post("/v1/intents", submit_intent)

@@ -142,6 +142,8 @@ class EnforcementAddon:
             if internal is not None:
                 raise _Refusal(403, "denied", engine.INTERNAL_DESTINATION, internal)
             self.tunnels.connect(flow, target)
+        except StoreUnavailable as exc:
+            flow.response = self._store_unavailable(exc)
         except AmbiguousRequest as exc:
             flow.response = self._refuse_early(flow, _Refusal(400, "bad_request", exc.code, exc.reason))
         except _Refusal as refusal:
@@ -321,6 +323,10 @@ class EnforcementAddon:
 
     async def _enforce_buffered(self, flow: http.HTTPFlow) -> None:
         sidecar = self.sidecar
+        blocked = self._audit_blocked()  # it may have filled while the body was uploaded
+        if blocked is not None:
+            flow.response = blocked
+            return
         raw_body = flow.request.raw_content
         if raw_body is not None and len(raw_body) > sidecar.settings.max_body_bytes:
             # Backstop only: mitmproxy's body_size_limit (set in load) refuses these before this hook.

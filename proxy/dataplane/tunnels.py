@@ -66,7 +66,7 @@ class Tunnels:
                 decision_id=decision_id,
             )
             return
-        self._record(
+        self._record_strict(
             "decision",
             {
                 "decision_id": decision_id,
@@ -239,6 +239,17 @@ class Tunnels:
             base["decision_id"] = exchange.decision_id
             base["intent"] = exchange.decision.intent.as_dict()
         return base
+
+    def _record_strict(self, type_: str, payload: dict[str, Any], *, durable: bool) -> None:
+        """A tunnel's decision: when it cannot be recorded, StoreUnavailable reaches the CONNECT
+        handler, which refuses (503): no tunnel opens unrecorded."""
+        self.sidecar.recorder.record(
+            type_,
+            agent=self.sidecar.settings.agent_id,
+            policy_revision=self.sidecar.rules.revision,
+            payload=payload,
+            durable=durable,
+        )
 
     def _record(self, type_: str, payload: dict[str, Any], *, durable: bool) -> None:
         try:

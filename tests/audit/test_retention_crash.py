@@ -23,7 +23,7 @@ import sys, time
 from pathlib import Path
 import proxy.audit_keeper as keeper_module
 from policy.retention import Retention
-from proxy.audit_keeper import AuditKeeper, exported_through
+from proxy.audit_keeper import AuditKeeper, exported_release
 from proxy.metrics import Metrics
 
 keeper_module.CUT_CHUNK = int(sys.argv[2])
@@ -34,7 +34,7 @@ keeper = AuditKeeper(
     checkpoint_path=data / "checkpoints.jsonl",
     retention=Retention(max_bytes=1),  # drop everything that was exported
     min_free_bytes=0,
-    released=lambda: (exported_through(data / "state.db"), "exported"),
+    released=lambda: exported_release(data / "state.db"),
     metrics=Metrics(),
 )
 print("cutting", flush=True)
@@ -64,17 +64,18 @@ def test_kill_9_during_retention_cuts_loses_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _write_chain(data)
     (data / "audit.key").write_text(secrets.token_hex(32))
-    assert mark_exported(data / "audit.db", EXPORTED, time.time())
+    marked = next(e for e in events(data / "audit.db") if e.seq == EXPORTED)
+    assert mark_exported(data / "audit.db", EXPORTED, marked.hash, time.time())
     rng = random.Random(7)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     kills = 0
-    while kills < 12:
+    while kills < 20:
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(data), "3000"], stdout=subprocess.PIPE, env=env
         )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == b"cutting"
-        time.sleep(rng.uniform(0.0, 0.08))
+        time.sleep(rng.uniform(0.05, 0.6))  # mid-verify, mid-cut, between cuts
         child.kill()
         child.wait()
         child.stdout.close()

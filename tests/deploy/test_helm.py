@@ -531,7 +531,7 @@ def test_probes_hit_healthz_and_readyz_on_the_api_port(case: Rendered) -> None:
     assert host == "0.0.0.0", "the API must be reachable by the kubelet and Prometheus"
     ports = {p["name"]: p["containerPort"] for p in case.sidecar["ports"]}
     assert ports == {"api": int(port)}, "only the API port is a container port; the proxy is pod-local"
-    expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/readyz"}
+    expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/startupz"}
     for probe, path in expected.items():
         get = case.sidecar[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -546,7 +546,7 @@ def test_sidecar_starts_before_the_agent(case: Rendered) -> None:
         hook = " ".join(sidecar["lifecycle"]["postStart"]["exec"]["command"])
         api = env_value(sidecar, "VIENNA_API")
         assert api is not None
-        assert f"http://127.0.0.1:{port_of(api)}/readyz" in hook
+        assert f"http://127.0.0.1:{port_of(api)}/startupz" in hook
         return
     assert sidecar in case.init_containers, "a native sidecar is an init container"
     assert sidecar["restartPolicy"] == "Always"

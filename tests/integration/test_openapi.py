@@ -93,6 +93,7 @@ def test_real_responses_of_every_route_match_the_document(direct: Sidecar) -> No
     for path in (
         "/healthz",
         "/readyz",
+        "/startupz",
         "/metrics",
         "/v1/ca.pem",
         "/v1/openapi.json",

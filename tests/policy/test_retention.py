@@ -156,3 +156,25 @@ def test_a_cut_never_reaches_past_what_was_released_or_the_head(
         assert first <= plan.cut_through <= min(released, head - 1)
     if plan.full is not None:
         assert plan.cut_through is None
+
+
+@pytest.mark.parametrize("text", ["500M", "7D", "2G"])
+def test_ambiguous_units_are_refused_not_guessed(text: str) -> None:
+    # `500M` must not quietly mean 500 minutes; sizes spell their unit (500MB, 500Mi, 500MiB)
+    with pytest.raises(ValueError, match="neither an age"):
+        parse_retention(text)
+
+
+def test_pages_freed_by_earlier_cuts_count_as_room() -> None:
+    # audit.db does not shrink after a cut; new events reuse its free pages
+    plan = plan_retention(Retention(), usage(free_bytes=1000, min_free_bytes=4096, reusable_bytes=100_000))
+    assert plan.full is None
+
+
+def test_below_the_floor_released_events_are_dropped_to_make_room() -> None:
+    retention = Retention(max_age=86400)
+    plan = plan_retention(retention, usage(free_bytes=1000, min_free_bytes=4096, released_through=600))
+    assert plan.cut_through is not None and plan.full is None
+    # without a retention setting nothing is ever dropped: refused instead
+    kept = plan_retention(Retention(), usage(free_bytes=1000, min_free_bytes=4096, released_through=600))
+    assert kept.cut_through is None and kept.full is not None

@@ -149,13 +149,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* A Kubernetes quantity or a `vienna` size (1Gi, 500M, 768MiB, 1048576) in bytes (whole units). */}}
+{{/* A Kubernetes quantity or a `vienna` size (1Gi, 1.5Gi, 500M, 768MiB, 1048576) in bytes. */}}
 {{- define "vienna-sidecar.bytes" -}}
 {{- $text := trim (toString .) }}
-{{- $number := regexFind "^[0-9]+" $text }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $text }}
 {{- $unit := trimPrefix $number $text | trim | trimSuffix "B" }}
 {{- $units := dict "" 1 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
-{{- mul (int64 $number) (int64 (get $units $unit)) }}
+{{- mulf (float64 $number) (float64 (get $units $unit)) | int64 }}
 {{- end }}
 
 {{/*
@@ -376,7 +376,7 @@ image's defaults.
       protocol: TCP
   startupProbe:
     httpGet:
-      path: /readyz
+      path: /startupz
       port: {{ .Values.sidecar.apiPort }}
     periodSeconds: {{ .Values.sidecar.startupProbe.periodSeconds }}
     failureThreshold: {{ .Values.sidecar.startupProbe.failureThreshold }}
@@ -398,8 +398,9 @@ image's defaults.
   lifecycle:
     postStart:
       # Kubernetes starts a pod's containers one after another and waits for each postStart hook:
-      # holding here until /readyz answers keeps the agent from starting before the CA bundle
-      # exists and the proxy listens.
+      # holding here until /startupz answers keeps the agent from starting before the CA bundle
+      # exists and the proxy listens (a full audit does not hold it: requests are refused, and
+      # the pod is NotReady, until events are exported or shipped).
       exec:
         command:
           - python
@@ -408,7 +409,7 @@ image's defaults.
             import time, urllib.request
             for _ in range({{ mul (int .Values.sidecar.startupProbe.failureThreshold) (int .Values.sidecar.startupProbe.periodSeconds) 2 }}):
                 try:
-                    urllib.request.urlopen("http://127.0.0.1:{{ .Values.sidecar.apiPort }}/readyz", timeout=1)
+                    urllib.request.urlopen("http://127.0.0.1:{{ .Values.sidecar.apiPort }}/startupz", timeout=1)
                     break
                 except Exception:
                     time.sleep(0.5)

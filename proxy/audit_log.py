@@ -32,6 +32,8 @@ MAX_PENDING = 50_000
 # commit when the previous commit was less than BUSY_WITHIN ago; otherwise it commits at once.
 GATHER_DELAY = 0.001
 BUSY_WITHIN = 0.005
+# After a failed write, requests are refused at once (503 audit.unavailable) for this long.
+BREAKER_SECONDS = 1.0
 
 
 class Recorder:
@@ -60,6 +62,7 @@ class Recorder:
         self._last_commit = 0.0
         self._retry_delay = FLUSH_DELAY
         self._failure_logged = 0.0
+        self._failed_at: float | None = None  # when the store last failed to write (None: it works)
         self.keeper: AuditKeeper | None = None  # set when a keeper thread does the slow disk work
         self._unpublished: list[str] = []  # stdout lines of events not committed yet, in chain order
 
@@ -84,10 +87,12 @@ class Recorder:
                 ts=self._clock(),
                 durable=durable,
             )
-        except AuditFull as exc:
-            self._note_full(exc)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
             raise
-        if not durable:
+        if durable:
+            self._failed_at = None
+        else:
             self._schedule_flush()
         self.metrics.audit_events.labels(type=type).inc()
         if self._stdout is not None:
@@ -121,7 +126,17 @@ class Recorder:
                 "audit.unavailable",
                 f"{self.store.pending} audit events wait for a store that cannot write",
             )
+        failed = self._failed_at
+        if failed is not None and time.monotonic() - failed < BREAKER_SECONDS:
+            # The last write failed just now: refuse at once rather than make every request wait
+            # out SQLite's busy timeout on the event loop. The write-behind retries meanwhile.
+            return "audit.unavailable", "the audit store could not write a moment ago"
         return None
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        self._failed_at = time.monotonic()
+        if isinstance(exc, AuditFull):
+            self._note_full(exc)
 
     def _note_full(self, exc: AuditFull) -> None:
         keeper = self.keeper
@@ -158,12 +173,12 @@ class Recorder:
         try:
             self.store.flush()
         except StoreUnavailable as exc:
-            if isinstance(exc, AuditFull):
-                self._note_full(exc)
+            self._store_failed(exc)
             waiter.set_exception(exc)
             self._schedule_flush()  # what is queued is retried; the waiters refuse their requests
             return
         self._last_commit = asyncio.get_running_loop().time()
+        self._failed_at = None
         waiter.set_result(None)
         self._publish()
 
@@ -182,8 +197,7 @@ class Recorder:
         try:
             self.store.flush()
         except StoreUnavailable as exc:
-            if isinstance(exc, AuditFull):
-                self._note_full(exc)
+            self._store_failed(exc)
             now = time.monotonic()
             if now - self._failure_logged >= 5:  # a store that keeps failing is said every few seconds
                 log.error("audit write-behind failed, retrying: %s", exc)
@@ -192,6 +206,7 @@ class Recorder:
             self._schedule_flush()
             return
         self._retry_delay = FLUSH_DELAY
+        self._failed_at = None
         self._publish()
 
     def _publish(self) -> None:

@@ -4,6 +4,7 @@ verification of agent-executed passbacks (`/v1/executions/report`, `/v1/warrants
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
@@ -21,6 +22,7 @@ from policy.warrants import WarrantClaims, WarrantRefused, read_warrant
 from proxy.answers import deny_body, passback_headers
 from proxy.authority_client import AuthorityRefused, AuthorityUnavailable
 from proxy.direct.runners import Outcome, run_exec, run_http, run_sql
+from proxy.store import StoreUnavailable
 from proxy.warrant_requests import PendingLimit
 
 if TYPE_CHECKING:
@@ -115,26 +117,34 @@ async def execute_and_record(
     async with _running:
         outcome = await run_handler(sidecar, handler, values)
     result = outcome.result
-    sidecar.recorder.record(
+    execution: dict[str, Any] = {
+        "decision_id": decision_id,
+        "execution_id": execution_id,
+        "handler": handler.id,
+        "kind": handler.kind,
+        "status": outcome.status,
+        "error": outcome.error,
+        "exit_code": result.get("exit_code"),
+        "http_status": result.get("status") if handler.kind == "http" else None,
+        "rows": result.get("row_count"),
+        "duration_ms": outcome.duration_ms,
+        "output_sha256": outcome.digest,
+        "params_sha256": params_digest(decision.intent.action, decision.intent.target, values),
+        **({"warrant_id": warrant_id} if warrant_id else {}),
+    }
+    record = functools.partial(
+        sidecar.recorder.record,
         "execution",
         agent=sidecar.settings.agent_id,
         policy_revision=decision.policy_revision,
-        payload={
-            "decision_id": decision_id,
-            "execution_id": execution_id,
-            "handler": handler.id,
-            "kind": handler.kind,
-            "status": outcome.status,
-            "error": outcome.error,
-            "exit_code": result.get("exit_code"),
-            "http_status": result.get("status") if handler.kind == "http" else None,
-            "rows": result.get("row_count"),
-            "duration_ms": outcome.duration_ms,
-            "output_sha256": outcome.digest,
-            "params_sha256": params_digest(decision.intent.action, decision.intent.target, values),
-            **({"warrant_id": warrant_id} if warrant_id else {}),
-        },
+        payload=execution,
     )
+    try:
+        record()
+    except StoreUnavailable:
+        # The handler has run: its outcome goes back to the caller (a 503 would invite a rerun),
+        # and its execution event waits in the queue for the store to write again.
+        record(durable=False)
     sidecar.metrics.executions.labels(kind=handler.kind, status=outcome.status).inc()
     return {
         "mode": "direct",

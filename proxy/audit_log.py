@@ -64,6 +64,9 @@ class Recorder:
         self._failure_logged = 0.0
         self._failed_at: float | None = None  # when the store last failed to write (None: it works)
         self.keeper: AuditKeeper | None = None  # set when a keeper thread does the slow disk work
+        # Whether other requests are on their way (set by the runtime): only then is it worth
+        # holding a commit for a millisecond so that their decisions share it.
+        self.others_in_flight: Callable[[], bool] = lambda: False
         self._unpublished: list[str] = []  # stdout lines of events not committed yet, in chain order
 
     def record(
@@ -158,7 +161,7 @@ class Recorder:
             # retrieved here, so a waiter that was cancelled meanwhile leaves no "never retrieved" warning
             waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._commit = waiter
-            if loop.time() - self._last_commit < BUSY_WITHIN:
+            if loop.time() - self._last_commit < BUSY_WITHIN and self.others_in_flight():
                 # Busy (the last commit was just now): gather the decisions of the next moment into
                 # this commit; it costs each request about as long as one commit, and saves commits.
                 loop.call_later(GATHER_DELAY, self._commit_now)

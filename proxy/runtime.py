@@ -396,6 +396,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     master = Master(_mitm_options(settings), event_loop=loop)
     enforcement = EnforcementAddon(sidecar)
+    sidecar.recorder.others_in_flight = lambda: sidecar.inflight > 1 or bool(enforcement.watch.live)
     master.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),

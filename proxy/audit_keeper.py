@@ -8,6 +8,7 @@ what the keeper last found (`full`, `warning`) as plain attributes.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,14 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from policy.audit import GENESIS_HASH, checkpoint_payload, cut_payload, sign_checkpoint, verify_chain
+from policy.audit import (
+    GENESIS_HASH,
+    checkpoint_payload,
+    cut_payload,
+    sign_checkpoint,
+    verify_chain,
+    verify_checkpoint,
+)
 from policy.retention import AuditUsage, Retention, RetentionPlan, plan_retention
 from proxy.metrics import Metrics
 from proxy.store import rollback, row_to_event
@@ -238,7 +246,9 @@ class AuditKeeper:
         conn = self._conn()
         try:
             self._sign_checkpoints(conn)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # When the disk filled, give the WAL file's space back as well (nothing is written meanwhile).
+            mode = "TRUNCATE" if self.disk_full else "PASSIVE"
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         except sqlite3.Error as exc:  # a full disk, most likely: measured and said below all the same
             self._failed("audit WAL checkpoint failed", exc)
         usage = self.measure(conn)
@@ -259,6 +269,9 @@ class AuditKeeper:
             usage = self.measure(conn)
             plan = plan_retention(self.retention, usage)
         self._note_problem(problem or self._release_problem)
+        if problem is not None and plan.full is None and _needs_room(self.retention, usage):
+            # The limits say drop, the chain says no: refuse rather than grow past the limit.
+            plan = dataclasses.replace(plan, full=problem)
         self._publish(usage, plan)
         return plan
 
@@ -267,9 +280,16 @@ class AuditKeeper:
         the last signed cut (or the genesis), verify link by link, and the event after them must
         link to the last of them: what is dropped is exactly a verified prefix of the chain."""
         anchor = conn.execute(
-            "SELECT first_seq, prev_hash FROM audit_cut ORDER BY first_seq DESC LIMIT 1"
+            "SELECT first_seq, prev_hash, ts, reason, sig FROM audit_cut ORDER BY first_seq DESC LIMIT 1"
         ).fetchone()
         start_seq, start_hash = (int(anchor[0]), str(anchor[1])) if anchor else (1, GENESIS_HASH)
+        if anchor is not None and not verify_checkpoint(
+            cut_payload(start_seq, start_hash, float(anchor[2]), str(anchor[3])), str(anchor[4]), self._key
+        ):
+            return (
+                f"the newest retention cut (seq {start_seq}) is not signed with this audit key: the log was"
+                " altered; nothing is dropped (run vienna audit verify)"
+            )
         if first != start_seq:
             return (
                 f"the audit's oldest event is seq {first} but the chain starts at seq {start_seq}:"
@@ -440,10 +460,11 @@ class AuditKeeper:
     def _publish(self, usage: AuditUsage, plan: RetentionPlan) -> None:
         full = plan.full
         if full is None and self.disk_full:
-            # SQLite said the disk was full: keep refusing until there is room again.
-            free = usage.free_bytes or 0
-            if free < max(usage.min_free_bytes, 1 << 20):
-                full = f"the data dir's disk is full ({free:,} bytes free)"
+            # SQLite said the disk was full: keep refusing until there is room again (pages that
+            # cuts freed inside audit.db count: new events fill them first).
+            room = (usage.free_bytes or 0) + usage.reusable_bytes
+            if room < max(usage.min_free_bytes, 1 << 20):
+                full = f"the data dir's disk is full ({room:,} bytes of room)"
             else:
                 self.disk_full = False
         now = time.monotonic()
@@ -460,6 +481,12 @@ class AuditKeeper:
         self.g_full.set(1 if full is not None else 0)
         self.g_first.set(usage.first_seq)
         self.g_live.set(usage.live_bytes)
+
+
+def _needs_room(retention: Retention, usage: AuditUsage) -> bool:
+    over = retention.max_bytes is not None and usage.live_bytes >= retention.max_bytes
+    room = None if usage.free_bytes is None else usage.free_bytes + usage.reusable_bytes
+    return over or (room is not None and room < usage.min_free_bytes)
 
 
 def exported_release(state_db: Path) -> Release:

@@ -173,6 +173,7 @@ class Recorder:
         waiter, self._commit = self._commit, None
         if waiter is None:
             return
+        wrote = self.store.pending > 0
         try:
             self.store.flush()
         except StoreUnavailable as exc:
@@ -181,7 +182,8 @@ class Recorder:
             self._schedule_flush()  # what is queued is retried; the waiters refuse their requests
             return
         self._last_commit = asyncio.get_running_loop().time()
-        self._failed_at = None
+        if wrote:  # only a write that happened proves the store works again
+            self._failed_at = None
         waiter.set_result(None)
         self._publish()
 
@@ -197,6 +199,7 @@ class Recorder:
 
     def _flush_later(self) -> None:
         self._flush_handle = None
+        wrote = self.store.pending > 0
         try:
             self.store.flush()
         except StoreUnavailable as exc:
@@ -209,7 +212,8 @@ class Recorder:
             self._schedule_flush()
             return
         self._retry_delay = FLUSH_DELAY
-        self._failed_at = None
+        if wrote:
+            self._failed_at = None
         self._publish()
 
     def _publish(self) -> None:

@@ -13,10 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlencode, urlsplit
 
 from policy import engine
@@ -33,6 +33,9 @@ from policy.classify import classify
 from policy.normalize import AmbiguousRequest, build_request
 from policy.rules import PolicyError, RuleSet, load_rules
 from proxy.settings import SettingsError, add_run_flags, resolve_settings
+
+if TYPE_CHECKING:
+    from proxy.audit_keeper import Release
 
 
 def _version() -> str:
@@ -437,7 +440,7 @@ def _audit_verify_authority(args: argparse.Namespace) -> int:
 
 def _audit_verify(args: argparse.Namespace) -> int:
     from proxy.audit_keeper import Cut
-    from proxy.store import read_cut_records, read_events
+    from proxy.store import audit_snapshot
 
     if args.authority:
         return _audit_verify_authority(args)
@@ -452,13 +455,17 @@ def _audit_verify(args: argparse.Namespace) -> int:
         hint = db / "audit.db"
         print(f"{db}: is a directory; give the audit database itself, e.g. {hint}", file=sys.stderr)
         return 1
+    checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
+    # Checkpoints first, then the log as of one moment: the sidecar may be writing, signing and
+    # cutting meanwhile, and a checkpoint only ever signs what is already committed.
+    checkpoint_lines = checkpoints_file.read_text().splitlines() if checkpoints_file.exists() else None
     try:
-        events = list(read_events(db))
-        cuts = [Cut(*row) for row in read_cut_records(db)]
+        with audit_snapshot(db) as (cut_rows, rows):
+            events = list(rows)
+        cuts = [Cut(*row) for row in cut_rows]
     except Exception as exc:  # sqlite errors, malformed rows: all mean "cannot vouch for it"
         print(f"{db}: cannot read the audit log: {exc}")
         return 1
-    checkpoints_file = args.checkpoints or db.with_name("checkpoints.jsonl")
     key_file = args.audit_key_file or db.with_name("audit.key")
     key: bytes | None = key_file.read_bytes().strip() if key_file.exists() else None
 
@@ -521,14 +528,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 1
     last = events[-1].seq if events else first - 1
     checked = 0
-    if checkpoints_file.exists():
+    if checkpoint_lines is not None:
         if key is None:
             print(f"{checkpoints_file}: cannot check checkpoints without the audit key ({key_file})")
             return 1
         hashes = {event.seq: event.hash for event in events}
         if anchor is not None:
             hashes[first - 1] = anchor.prev_hash
-        for number, line in enumerate(checkpoints_file.read_text().splitlines(), start=1):
+        for number, line in enumerate(checkpoint_lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -572,23 +579,35 @@ def _missing(first: int, last: int) -> str:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from proxy.audit_keeper import exported_release, mark_exported
-    from proxy.store import read_cut_records, read_events
+    from proxy.audit_keeper import exported_release
+    from proxy.store import audit_snapshot
 
     db: Path = args.db
     if not db.exists():
         print(f"{db}: no such file", file=sys.stderr)
         return 1
-    cuts = read_cut_records(db)
-    start, prev_hash = (cuts[-1][0], cuts[-1][1]) if cuts else (1, GENESIS_HASH)
     mark = exported_release(db.with_name("state.db"))
+    with audit_snapshot(db) as (cuts, events):
+        return _export_events(args, db, cuts, events, mark)
+
+
+def _export_events(
+    args: argparse.Namespace,
+    db: Path,
+    cuts: Sequence[tuple[int, str, float, str, str]],
+    events: Iterator[AuditEvent],
+    mark: Release,
+) -> int:
+    from proxy.audit_keeper import mark_exported
+
+    start, prev_hash = (cuts[-1][0], cuts[-1][1]) if cuts else (1, GENESIS_HASH)
     marked = 0  # how far the previous export mark holds for this chain
     first: int | None = None
     expected = start
     broken: str | None = None
     last, last_hash = args.since, ""
     out = sys.stdout
-    for event in read_events(db):
+    for event in events:
         if first is None:
             first = event.seq
             if first == start and start > 1 and args.since < start - 1:

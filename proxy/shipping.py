@@ -133,6 +133,13 @@ class AuditShipper:
             self.failures.labels(reason=str(body.get("reason_code", "audit.rejected"))).inc()
             head_seq = body.get("head_seq")
             self.shipped_seq = int(head_seq) if isinstance(head_seq, int) else None
+            head_hash = body.get("head_hash")
+            # follow the authority down: what it no longer holds must not be dropped here
+            self.confirmed = (
+                Release(head_seq, head_hash if isinstance(head_hash, str) else None, "shipped")
+                if isinstance(head_seq, int)
+                else None
+            )
             await asyncio.sleep(BACKOFF_MAX)
             return 0
         raise AuthorityRefused(status, body)

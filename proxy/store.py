@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -414,7 +415,36 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
         db.close()
 
 
-def read_cut_records(path: Path) -> list[tuple[int, str, float, str, str]]:
+CutRecord = tuple[int, str, float, str, str]  # first_seq, prev_hash, ts, reason, sig
+
+
+@contextlib.contextmanager
+def audit_snapshot(path: Path) -> Iterator[tuple[list[CutRecord], Iterator[AuditEvent]]]:
+    """The signed cuts and the events of a (possibly live) audit database as of one moment: one
+    read transaction, so a retention cut made meanwhile is seen either whole or not at all."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        db.execute("BEGIN")
+        try:
+            rows = db.execute(
+                "SELECT first_seq, prev_hash, ts, reason, sig FROM audit_cut ORDER BY first_seq"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a database from before retention existed
+            rows = []
+            db.execute("SELECT COUNT(*) FROM audit").fetchone()  # the snapshot starts here then
+        cuts = [(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4])) for r in rows]
+        events = (
+            row_to_event(row)
+            for row in db.execute(
+                "SELECT seq, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit ORDER BY seq"
+            )
+        )
+        yield cuts, events
+    finally:
+        db.close()
+
+
+def read_cut_records(path: Path) -> list[CutRecord]:
     """The signed retention cuts of a (possibly copied) audit database, oldest first."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:

@@ -91,6 +91,7 @@ def test_events_deleted_by_hand_are_never_laundered_by_a_cut(tmp_path: Path) -> 
     kept = events(tmp_path / "audit.db")
     assert kept[0].seq <= 199
     assert keeper.problem is not None and "does not verify" in keeper.problem
+    assert keeper.full is not None  # over its limit and nothing may go: refused, not grown past it
     verify = run_vienna("audit", "verify", str(tmp_path / "audit.db"))
     assert verify.returncode == 1 and "events seq 200-250 are missing" in verify.stdout
 
@@ -173,3 +174,22 @@ def test_verify_refuses_an_emptied_log_and_reinserted_events(tmp_path: Path) -> 
     connection.close()
     reinserted = run_vienna("audit", "verify", str(copy / "audit.db"))
     assert reinserted.returncode == 1 and "reinserted" in reinserted.stdout
+
+
+def test_a_forged_cut_is_never_built_upon(tmp_path: Path) -> None:
+    # events 1-30 deleted by hand, and an unsigned "cut" put in to cover for it
+    _chain(tmp_path, 200)
+    connection = sqlite3.connect(tmp_path / "audit.db")
+    with connection:
+        connection.execute("DELETE FROM audit WHERE seq <= 30")
+        connection.execute(
+            "INSERT INTO audit_cut (first_seq, prev_hash, ts, reason, sig) VALUES (31, ?, 0, 'exported', 'bogus')",
+            (events(tmp_path / "audit.db")[0].prev_hash,),
+        )
+    connection.close()
+    keeper = _keeper(tmp_path, Release(100, _hash(tmp_path, 100), "exported"))
+    _drain(keeper, 3)
+    assert events(tmp_path / "audit.db")[0].seq == 31  # no genuine cut was signed on top of it
+    assert keeper.problem is not None and "not signed with this audit key" in keeper.problem
+    verify = run_vienna("audit", "verify", str(tmp_path / "audit.db"))
+    assert verify.returncode == 1 and "signature does not verify" in verify.stdout

@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "test_fleet_trust": "fleet trust (authority)",
     "test_handler_abuse": "handler abuse (Vienna Direct)",
     "test_mcp_smuggling": "MCP smuggling",
+    "test_audit_tampering": "audit tampering (retention)",
     "test_fuzz": "fuzzing (properties)",
 }
 _COUNTS: dict[str, FamilyCounts] = {}

@@ -1,6 +1,8 @@
-"""The audit keeper against a real SQLite chain: it drops only a verified prefix that follows on
-from the last signed cut, only as far as a release that names an event of this very chain, and
-`vienna audit export` never releases what it cannot vouch for."""
+"""Audit tampering around retention, against a real SQLite chain and the real keeper and CLI: the
+keeper drops only a verified prefix that follows on from the last signed cut (never laundering a
+gap, a front deletion or a forged anchor into a genuine cut), only as far as a release that names an
+event of this very chain; `vienna audit export` never releases what it cannot vouch for; `vienna
+audit verify` refuses an emptied or reinserted log."""
 
 from __future__ import annotations
 

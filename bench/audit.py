@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ if not __package__:  # run as a file: bench/ is on sys.path first, and bench/pro
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from bench.proxy import POLICY, UPSTREAM, drive, free_port, wait_port
+from bench.proxy import POLICY, UPSTREAM, drive, free_port, launch_sidecar, wait_port
 
 
 @dataclass
@@ -60,26 +59,10 @@ def proc_io(pid: int) -> dict[str, int]:
 
 
 def start_sidecar(work: Path, name: str, flags: list[str]) -> tuple[subprocess.Popen[bytes], int, Path]:
-    vienna = Path(sys.executable).with_name("vienna")
     policy = work / "policy.yaml"
     policy.write_text(POLICY)
-    port, api = free_port(), free_port()
-    data = work / name
-    proc = subprocess.Popen(
-        [str(vienna), "run", "--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{api}",
-         "--data-dir", str(data), "--agent-id", "bench", *flags],
-        stdout=subprocess.DEVNULL, stderr=(work / f"{name}.log").open("ab"),
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{api}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return proc, port, data
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"sidecar never became ready; see {work / name}.log")
+    proc, port, _ = launch_sidecar(policy, work / name, work / f"{name}.log", flags)
+    return proc, port, work / name
 
 
 def split_by_file(trace: Path, requests: int) -> dict[str, float]:

@@ -184,28 +184,37 @@ def measure(
     )
 
 
-def start_sidecar(tmp: Path, *, durable: bool) -> tuple[subprocess.Popen[bytes], int]:
+def launch_sidecar(
+    policy: Path, data_dir: Path, log: Path, flags: list[str]
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`vienna run` on loopback ports with `policy` and `flags`, once /readyz answers: (process,
+    proxy port, api port). The one launcher the benchmarks share."""
     vienna = Path(sys.executable).with_name("vienna")
-    policy = tmp / "policy.yaml"
-    policy.write_text(POLICY)
     port, api = free_port(), free_port()
-    data = tmp / ("data-durable" if durable else "data-batched")
     proc = subprocess.Popen(
         [str(vienna), "run", "--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{api}",
-         "--data-dir", str(data), "--agent-id", "bench", "--audit-stdout", "false",
-         "--durable-audit", "true" if durable else "false"],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "vienna.log").open("ab"),
+         "--data-dir", str(data_dir), "--agent-id", "bench", *flags],
+        stdout=subprocess.DEVNULL, stderr=log.open("ab"),
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{api}/readyz", timeout=1) as response:
                 if response.status == 200:
-                    return proc, port
+                    return proc, port, api
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("sidecar never became ready; see " + str(tmp / "vienna.log"))
+    raise RuntimeError(f"sidecar never became ready; see {log}")
+
+
+def start_sidecar(tmp: Path, *, durable: bool) -> tuple[subprocess.Popen[bytes], int]:
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    data = tmp / ("data-durable" if durable else "data-batched")
+    flags = ["--audit-stdout", "false", "--durable-audit", "true" if durable else "false"]
+    proc, port, _ = launch_sidecar(policy, data, tmp / "vienna.log", flags)
+    return proc, port
 
 
 def main() -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy import BARE_MITMPROXY, POLICY, free_port, wait_port
+from bench.proxy import BARE_MITMPROXY, POLICY, free_port, launch_sidecar, wait_port
 
 UPSTREAM = """\
 import asyncio, sys
@@ -116,23 +116,7 @@ def peak_during(pid: int, work: list[threading.Thread]) -> int:
 
 
 def start_sidecar(tmp: Path, policy: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    vienna = Path(sys.executable).with_name("vienna")
-    port, api = free_port(), free_port()
-    proc = subprocess.Popen(
-        [str(vienna), "run", "--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{api}",
-         "--data-dir", str(tmp / "data"), "--agent-id", "bench", "--audit-stdout", "false"],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "vienna.log").open("ab"),
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{api}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return proc, port, api
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("sidecar never became ready")
+    return launch_sidecar(policy, tmp / "data", tmp / "vienna.log", ["--audit-stdout", "false"])
 
 
 def big_policy(rules: int) -> str:

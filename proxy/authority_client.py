@@ -131,9 +131,6 @@ class AuthorityClient:
 
     # --- audit ---------------------------------------------------------------------------------
 
-    async def audit_head(self, chain: str) -> int:
-        return (await self.audit_head_entry(chain))[0]
-
     async def audit_head_entry(self, chain: str) -> tuple[int, str | None]:
         """The authority's head of `chain`: (seq, hash of that event; None when it holds none)."""
         status, body = await self.call("GET", "/v1/audit/events/head", params={"chain": chain})

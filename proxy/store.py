@@ -444,20 +444,6 @@ def audit_snapshot(path: Path) -> Iterator[tuple[list[CutRecord], Iterator[Audit
         db.close()
 
 
-def read_cut_records(path: Path) -> list[CutRecord]:
-    """The signed retention cuts of a (possibly copied) audit database, oldest first."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT first_seq, prev_hash, ts, reason, sig FROM audit_cut ORDER BY first_seq"
-        ).fetchall()
-    except sqlite3.OperationalError:  # a database from before retention existed
-        return []
-    finally:
-        db.close()
-    return [(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4])) for r in rows]
-
-
 def _vote_to_dict(vote: Vote) -> dict[str, object]:
     return {
         "operator": vote.operator,

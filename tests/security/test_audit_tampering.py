@@ -49,6 +49,18 @@ def _keeper(data: Path, release: Release | None = None) -> AuditKeeper:
     )
 
 
+def _alter(db: Path, *statements: tuple[str, tuple[object, ...]] | str) -> None:
+    """Change the database by hand, as someone with write access to the data dir could."""
+    connection = sqlite3.connect(db)
+    try:
+        with connection:
+            for statement in statements:
+                sql, params = (statement, ()) if isinstance(statement, str) else statement
+                connection.execute(sql, params)
+    finally:
+        connection.close()
+
+
 def _hash(data: Path, seq: int) -> str:
     return next(e.hash for e in events(data / "audit.db") if e.seq == seq)
 
@@ -83,10 +95,7 @@ def test_a_release_that_names_another_chain_releases_nothing(tmp_path: Path) -> 
 
 def test_events_deleted_by_hand_are_never_laundered_by_a_cut(tmp_path: Path) -> None:
     _chain(tmp_path, 600)
-    connection = sqlite3.connect(tmp_path / "audit.db")
-    with connection:
-        connection.execute("DELETE FROM audit WHERE seq BETWEEN 200 AND 250")
-    connection.close()
+    _alter(tmp_path / "audit.db", "DELETE FROM audit WHERE seq BETWEEN 200 AND 250")
     keeper = _keeper(tmp_path, Release(500, _hash(tmp_path, 500), "exported"))
     _drain(keeper)
     # at most the verified prefix before the gap may go; the gap stays visible to verify
@@ -100,10 +109,7 @@ def test_events_deleted_by_hand_are_never_laundered_by_a_cut(tmp_path: Path) -> 
 
 def test_a_front_truncation_is_never_laundered_either(tmp_path: Path) -> None:
     _chain(tmp_path, 400)
-    connection = sqlite3.connect(tmp_path / "audit.db")
-    with connection:
-        connection.execute("DELETE FROM audit WHERE seq <= 50")
-    connection.close()
+    _alter(tmp_path / "audit.db", "DELETE FROM audit WHERE seq <= 50")
     keeper = _keeper(tmp_path, Release(300, _hash(tmp_path, 300), "exported"))
     _drain(keeper)
     assert events(tmp_path / "audit.db")[0].seq == 51
@@ -125,10 +131,7 @@ def test_export_marks_only_an_intact_contiguous_run_of_this_chain(tmp_path: Path
     assert exported_release(state) == Release(100, _hash(tmp_path, 100), "exported")
     assert _export(tmp_path, "--since", "100", "--no-mark").returncode == 0
 
-    connection = sqlite3.connect(tmp_path / "audit.db")
-    with connection:
-        connection.execute("UPDATE audit SET payload = '{\"n\":0}' WHERE seq = 60")
-    connection.close()
+    _alter(tmp_path / "audit.db", "UPDATE audit SET payload = '{\"n\":0}' WHERE seq = 60")
     assert mark_exported(tmp_path / "audit.db", 10, _hash(tmp_path, 10), 0.0)
     tampered = _export(tmp_path)
     assert tampered.returncode == 1 and "does not verify at seq 60 (edited)" in tampered.stderr
@@ -158,22 +161,17 @@ def test_verify_refuses_an_emptied_log_and_reinserted_events(tmp_path: Path) -> 
     copy.mkdir()
     for name in ("audit.db", "audit.key"):
         (copy / name).write_bytes((tmp_path / name).read_bytes())
-    connection = sqlite3.connect(copy / "audit.db")
-    with connection:
-        connection.execute("DELETE FROM audit")
-    connection.close()
+    _alter(copy / "audit.db", "DELETE FROM audit")
     emptied = run_vienna("audit", "verify", str(copy / "audit.db"))
     assert emptied.returncode == 1 and "truncated" in emptied.stdout
 
     for name in ("audit.db", "audit.key"):
         (copy / name).write_bytes((tmp_path / name).read_bytes())
-    connection = sqlite3.connect(copy / "audit.db")
-    with connection:  # an old event put back in front of the cut
-        connection.execute(
-            "INSERT INTO audit (seq, ts, type, agent, policy_revision, payload, prev_hash, hash)"
-            " SELECT 5, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit WHERE seq = 31"
-        )
-    connection.close()
+    _alter(
+        copy / "audit.db",
+        "INSERT INTO audit (seq, ts, type, agent, policy_revision, payload, prev_hash, hash)"
+        " SELECT 5, ts, type, agent, policy_revision, payload, prev_hash, hash FROM audit WHERE seq = 31",
+    )  # an old event put back in front of the cut
     reinserted = run_vienna("audit", "verify", str(copy / "audit.db"))
     assert reinserted.returncode == 1 and "reinserted" in reinserted.stdout
 
@@ -181,14 +179,14 @@ def test_verify_refuses_an_emptied_log_and_reinserted_events(tmp_path: Path) -> 
 def test_a_forged_cut_is_never_built_upon(tmp_path: Path) -> None:
     # events 1-30 deleted by hand, and an unsigned "cut" put in to cover for it
     _chain(tmp_path, 200)
-    connection = sqlite3.connect(tmp_path / "audit.db")
-    with connection:
-        connection.execute("DELETE FROM audit WHERE seq <= 30")
-        connection.execute(
+    _alter(
+        tmp_path / "audit.db",
+        "DELETE FROM audit WHERE seq <= 30",
+        (
             "INSERT INTO audit_cut (first_seq, prev_hash, ts, reason, sig) VALUES (31, ?, 0, 'exported', 'bogus')",
-            (events(tmp_path / "audit.db")[0].prev_hash,),
-        )
-    connection.close()
+            (_hash(tmp_path, 30),),  # the real hash before seq 31: only the signature is forged
+        ),
+    )
     keeper = _keeper(tmp_path, Release(100, _hash(tmp_path, 100), "exported"))
     _drain(keeper, 3)
     assert events(tmp_path / "audit.db")[0].seq == 31  # no genuine cut was signed on top of it
